@@ -1,0 +1,271 @@
+"""``podbay`` command line: chat (default), run, init, doctor, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from podbay import __version__
+from podbay.bot import Podbay, database_path
+from podbay.commands.status import render_status
+from podbay.config import DEFAULT_CONFIG_PATH, Settings, default_config_toml, load_settings
+from podbay.engine.core import Engine
+from podbay.engine.store import Store
+from podbay.errors import ConfigError, PodbayError
+from podbay.transports.base import Transport
+from podbay.transports.console import ConsoleTransport
+from podbay.transports.render import markdown_to_plain
+
+log = logging.getLogger("podbay")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS lets the options go before or after the subcommand without one
+    # position's default overwriting the other's value.
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="TOML config file (or PODBAY_CONFIG; default ~/.config/podbay/config.toml)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="data directory (or PODBAY_DATA_DIR; default ~/.local/share/podbay)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="podbay", description="Drive many coding projects from chat."
+    )
+    parser.add_argument("--version", action="version", version=f"podbay {__version__}")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subcommands = {
+        "chat": "talk to podbay on this console (default)",
+        "run": "serve every enabled transport until stopped",
+        "init": "write a commented config file",
+        "doctor": "check config, data dir, Docker and agent",
+        "status": "print the status report",
+    }
+    for name, help_text in subcommands.items():
+        child = sub.add_parser(name, help=help_text)
+        _add_common(child)
+        if name == "init":
+            child.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return parser
+
+
+def _setup_logging(verbosity: int, data_dir: Path | None) -> None:
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    root = logging.getLogger()
+    root.setLevel(min(level, logging.INFO) if data_dir else level)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(level)
+    stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(stderr)
+    if data_dir is not None:
+        with contextlib.suppress(OSError):
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            file_handler = logging.FileHandler(data_dir / "podbay.log", encoding="utf-8")
+            file_handler.setLevel(logging.INFO)
+            file_handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+            root.addHandler(file_handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "chat"
+    config_path: Path | None = getattr(args, "config", None)
+    if command == "init":
+        return _init(config_path, force=args.force)
+    try:
+        settings, _ = load_settings(config_path, data_dir=getattr(args, "data_dir", None))
+    except ConfigError as exc:
+        print(f"podbay: {exc}", file=sys.stderr)
+        if command == "doctor":
+            print("fix: edit the config file (or the PODBAY_* variable) named above.")
+        return 2
+    _setup_logging(getattr(args, "verbose", 0), settings.data_dir if command != "doctor" else None)
+    try:
+        if command == "chat":
+            return asyncio.run(_chat(settings))
+        if command == "run":
+            return asyncio.run(_run(settings))
+        if command == "doctor":
+            return asyncio.run(_doctor(settings))
+        if command == "status":
+            return asyncio.run(_status(settings))
+    except PodbayError as exc:
+        print(f"podbay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(command)
+
+
+def _init(config_path: Path | None, *, force: bool) -> int:
+    env_path = os.environ.get("PODBAY_CONFIG")
+    path = (config_path or (Path(env_path) if env_path else DEFAULT_CONFIG_PATH)).expanduser()
+    if path.exists() and not force:
+        print(f"podbay: {path} already exists; pass --force to overwrite it.", file=sys.stderr)
+        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written atomically and private: the file will soon hold platform tokens.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".podbay-", suffix=".toml")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(default_config_toml())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+async def _chat(settings: Settings) -> int:
+    console = ConsoleTransport()
+    async with Podbay(settings, transports=[console]) as bot:
+        assert bot.dispatcher is not None
+        stop = _stop_event()
+        waiter = asyncio.create_task(console.closed.wait())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, stopper):
+            task.cancel()
+        if console.closed.is_set() and not stop.is_set():
+            # End of input: let queued and running work finish before exiting.
+            drain = asyncio.create_task(bot.dispatcher.drain())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({drain, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not drain.done():
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+    return 0
+
+
+def _enabled_transports(settings: Settings) -> list[Transport]:
+    transports: list[Transport] = []
+    if settings.transports.console.enabled:
+        transports.append(ConsoleTransport())
+    return transports or [ConsoleTransport()]
+
+
+async def _run(settings: Settings) -> int:
+    transports = _enabled_transports(settings)
+    async with Podbay(settings, transports=transports):
+        names = ", ".join(t.name for t in transports)
+        log.info("podbay serving on: %s", names)
+        stop = _stop_event()
+        waits = {asyncio.create_task(stop.wait())}
+        if len(transports) == 1 and isinstance(transports[0], ConsoleTransport):
+            waits.add(asyncio.create_task(transports[0].closed.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+    return 0
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _status(settings: Settings) -> int:
+    path = database_path(settings)
+    if not path.exists():
+        print(f"No podbay data in {settings.data_dir} yet. Start with `podbay chat`.")
+        return 0
+    async with await Store.open(path) as store:
+        engine = Engine(store, settings)
+        print(markdown_to_plain(render_status(await engine.status())))
+    return 0
+
+
+async def _doctor(settings: Settings) -> int:
+    problems: list[tuple[str, str]] = []
+    notes: list[str] = []
+    data_dir = settings.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = data_dir / ".doctor-probe"
+        probe.write_text("ok")
+        probe.unlink()
+        notes.append(f"data dir {data_dir} is writable")
+    except OSError as exc:
+        problems.append(
+            (
+                f"data dir {data_dir} is not writable ({exc.strerror})",
+                "pass --data-dir DIR (or set PODBAY_DATA_DIR) to a directory you own",
+            )
+        )
+    else:
+        try:
+            async with await Store.open(database_path(settings)) as store:
+                notes.append(f"database schema v{await store.schema_version()}")
+        except PodbayError as exc:
+            problems.append((f"database: {exc}", "move the database aside or upgrade podbay"))
+    docker_problem = await asyncio.to_thread(_check_docker)
+    if docker_problem:
+        problems.append(docker_problem)
+    else:
+        notes.append("Docker engine reachable")
+    command = settings.agent.command
+    if not command:
+        notes.append("no agent configured: freeform messages will explain how to set one")
+    elif shutil.which(command[0]) is None:
+        problems.append(
+            (
+                f"agent command {command[0]!r} is not on PATH",
+                "install it, or fix `[agent] command` in the config",
+            )
+        )
+    else:
+        notes.append(f"agent command {command[0]!r} found")
+    for note in notes:
+        print(f"ok: {note}")
+    for problem, fix in problems:
+        print(f"problem: {problem}\n  fix: {fix}")
+    if problems:
+        print(f"{len(problems)} problem(s) found.")
+        return 1
+    print("All checks passed.")
+    return 0
+
+
+def _check_docker() -> tuple[str, str] | None:
+    try:
+        from docker.client import DockerClient
+
+        client = DockerClient.from_env(timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return (
+            f"Docker engine not reachable at {host}: {reason}",
+            "start dockerd (e.g. `sudo systemctl start docker`) or set DOCKER_HOST",
+        )
+    return None

@@ -1,0 +1,1 @@
+"""Chat commands: parsing, roles, confirmation and the handlers themselves."""

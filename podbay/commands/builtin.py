@@ -1,0 +1,155 @@
+"""Control commands: help, whoami, status, use, stop, confirm, cancel."""
+
+from __future__ import annotations
+
+from podbay.commands.context import CommandContext
+from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry
+from podbay.commands.roles import Role
+from podbay.commands.status import render_status
+from podbay.errors import UserError
+
+CONTROL_COMMANDS = ("help", "status", "stop", "use", "whoami", "confirm", "cancel")
+
+
+async def cmd_help(ctx: CommandContext, inv: Invocation) -> None:
+    allowed = [s for s in ctx.registry.specs() if s.role <= ctx.role]
+    topic = inv.args.get("command")
+    if topic:
+        spec = ctx.registry.get(topic.lower()) or next(
+            (s for s in allowed if s.words[0] == topic.lower()), None
+        )
+        if spec is None or spec.role > ctx.role:
+            near = ctx.registry.suggest(topic)
+            hint = f" Did you mean `{near}`?" if near else ""
+            raise UserError(f"No command `{topic[:40]}`.{hint} Send `help` for the list.")
+        text = f"`{spec.usage}`\n{spec.summary}"
+        if spec.details:
+            text += f"\n\n{spec.details}"
+        options = [o for o in spec.options if o.help]
+        if options:
+            text += "\n" + "\n".join(
+                f"• `--{o.name}{' ' + o.metavar if o.metavar else ''}` {o.help}" for o in options
+            )
+        if spec.role > Role.VIEWER:
+            text += f"\n(needs the {spec.role.label} role)"
+        await ctx.reply(text)
+        return
+    name = ctx.registry.bot_name
+    lines = [f"**{name}** — you are {ctx.role.label}. Commands:"]
+    lines += [f"• `{s.usage}` — {s.summary}" for s in allowed]
+    if ctx.role >= Role.OPERATOR:
+        lines.append("Anything else you write goes to the coding agent of your active project.")
+    lines.append(f"`help <command>` for details. Prefix with `!` or `{name}` in busy rooms.")
+    await ctx.reply("\n".join(lines))
+
+
+async def cmd_whoami(ctx: CommandContext, inv: Invocation) -> None:
+    active = await ctx.engine.active_project(ctx.session)
+    project = f"`{active.name}`" if active else "none"
+    await ctx.reply(
+        f"You are `{ctx.sender.identity}` ({ctx.role.label}) in session `{ctx.session}`. "
+        f"Active project: {project}."
+    )
+
+
+async def cmd_status(ctx: CommandContext, inv: Invocation) -> None:
+    name = inv.args.get("project")
+    if name:
+        project = await ctx.engine.project(name)
+        runs = await ctx.engine.store.runs_recent(project=project.name, limit=5)
+        lines = [
+            f"**{project.name}** · {project.stack or 'base'} · {project.state}",
+            f"path: `{project.path}`",
+        ]
+        if project.git_url:
+            lines.append(f"git: {project.git_url}")
+        if runs:
+            lines.append("recent runs:")
+            lines += [f"• #{r.id} {r.status}: {r.prompt[:60]!r}" for r in runs]
+        await ctx.reply("\n".join(lines))
+        return
+    await ctx.reply(render_status(await ctx.engine.status()))
+
+
+async def cmd_use(ctx: CommandContext, inv: Invocation) -> None:
+    name = inv.args.get("project")
+    if name is None:
+        active = await ctx.engine.active_project(ctx.session)
+        if active is None:
+            await ctx.reply("No active project. `use <project>` picks one.")
+        else:
+            await ctx.reply(f"Active project: `{active.name}` (`{active.path}`).")
+        return
+    project = await ctx.engine.use_project(ctx.session, name)
+    assert project is not None
+    await ctx.reply(f"Now using `{project.name}`. Freeform messages go to its agent.")
+
+
+async def cmd_stop(ctx: CommandContext, inv: Invocation) -> None:
+    await ctx.reply(await ctx.control.stop_session(ctx.session))
+
+
+async def cmd_confirm(ctx: CommandContext, inv: Invocation) -> None:
+    proposal = ctx.proposals.take(ctx.session, ctx.sender.identity)
+    if proposal is None:
+        others = ctx.proposals.others(ctx.session, ctx.sender.identity)
+        if others:
+            raise UserError(
+                f"Only {others[0].requester} can confirm their request ({others[0].summary})."
+            )
+        raise UserError("Nothing to confirm (requests expire after a while).")
+    await proposal.action()
+
+
+async def cmd_cancel(ctx: CommandContext, inv: Invocation) -> None:
+    proposal = ctx.proposals.take(ctx.session, ctx.sender.identity)
+    if proposal is None:
+        others = ctx.proposals.others(ctx.session, ctx.sender.identity)
+        if others:
+            raise UserError(f"Only {others[0].requester} can cancel their request.")
+        raise UserError("Nothing to cancel.")
+    await ctx.reply(f"Cancelled: {proposal.summary}")
+
+
+def register(registry: Registry) -> None:
+    add = registry.add
+    add(
+        CommandSpec(
+            "help",
+            "list commands, or explain one",
+            cmd_help,
+            positionals=(Positional("command", required=False, rest=True),),
+        )
+    )
+    add(
+        CommandSpec(
+            "status",
+            "projects, runs, queues and jobs (or one project in detail)",
+            cmd_status,
+            positionals=(Positional("project", required=False),),
+        )
+    )
+
+
+def register_session_commands(registry: Registry) -> None:
+    add = registry.add
+    add(
+        CommandSpec(
+            "use",
+            "pick the project freeform messages go to (no name: show it)",
+            cmd_use,
+            role=Role.OPERATOR,
+            positionals=(Positional("project", required=False),),
+        )
+    )
+    add(
+        CommandSpec(
+            "stop",
+            "cancel this conversation's agent run and drop its queue",
+            cmd_stop,
+            role=Role.OPERATOR,
+        )
+    )
+    add(CommandSpec("confirm", "go ahead with your pending request", cmd_confirm))
+    add(CommandSpec("cancel", "drop your pending request", cmd_cancel))
+    add(CommandSpec("whoami", "show your identity, role and active project", cmd_whoami))

@@ -1,0 +1,16 @@
+"""The registry of every built-in command."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from podbay.commands import builtin, projects
+from podbay.commands.registry import Registry
+
+
+def build_registry(bot_name: str = "podbay", aliases: Iterable[str] = ()) -> Registry:
+    registry = Registry(bot_name, aliases)
+    builtin.register(registry)
+    projects.register(registry)
+    builtin.register_session_commands(registry)
+    return registry

@@ -1,0 +1,52 @@
+"""The status report, shared by the chat command and ``podbay status``."""
+
+from __future__ import annotations
+
+import time
+
+from podbay.engine.core import StatusReport
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d"
+
+
+def render_status(report: StatusReport, now: float | None = None) -> str:
+    """Compact Markdown, readable on a phone."""
+    now = time.time() if now is None else now
+    lines: list[str] = []
+    if report.projects:
+        lines.append(f"**Projects ({len(report.projects)})**")
+        for project in report.projects:
+            stack = project.stack or "base"
+            port = f" · ssh {project.ssh_port}" if project.ssh_port else ""
+            lines.append(f"• `{project.name}` · {stack} · {project.state}{port}")
+    else:
+        lines.append("**Projects**: none yet — `new project <name>` creates one.")
+    if report.active_runs:
+        lines.append(f"**Runs ({len(report.active_runs)} active)**")
+        for run in report.active_runs:
+            since = run.started_at or run.created_at
+            target = f" → `{run.project}`" if run.project else ""
+            lines.append(
+                f"• #{run.id} {run.session_key}{target} · {run.status} {_age(now - since)}"
+            )
+    else:
+        lines.append("**Runs**: none active")
+    queued = {k: n for k, n in report.queue_depths.items() if n}
+    if queued:
+        lines.append("**Queues**: " + ", ".join(f"{k} {n}" for k, n in sorted(queued.items())))
+    if report.jobs:
+        lines.append("**Jobs**")
+        for job in report.jobs:
+            since = job.started_at or job.created_at
+            lines.append(f"• {job.kind} `{job.project}` · {job.status} {_age(now - since)}")
+    lines.extend(report.notes)
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Configuration: a TOML file plus ``PODBAY_*`` environment overrides.
+
+Environment variables override the file; nested keys use ``__``, e.g.
+``PODBAY_DISPATCHER__COALESCE_WINDOW_MS=500`` or ``PODBAY_ACCESS__ADMINS='["console:*"]'``.
+Every error names the key, the bad value and the expected form.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from podbay.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("~/.config/podbay/config.toml")
+DEFAULT_DATA_DIR = Path("~/.local/share/podbay")
+
+_IDENTITY = re.compile(r"^[a-z][a-z0-9_-]*:\S.*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BotConfig(_Section):
+    name: str = Field(
+        "podbay", description="Name the bot answers to (`podbay help`, `@podbay help`)."
+    )
+    aliases: list[str] = Field(
+        default_factory=list, description="Extra names the bot answers to, besides `name`."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_word(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", value):
+            raise ValueError(
+                "expected a single word of letters, digits, '-' or '_' (e.g. \"podbay\")"
+            )
+        return value
+
+
+class AccessConfig(_Section):
+    admins: list[str] = Field(
+        default_factory=lambda: ["console:*"],
+        description='Identities with every right, as "<transport>:<user id>"; "<transport>:*" '
+        "matches everyone on that transport.",
+    )
+    operators: list[str] = Field(
+        default_factory=list, description="May create projects and drive agents, but not delete."
+    )
+    viewers: list[str] = Field(default_factory=list, description="May only read help and status.")
+    deny_reply_interval_s: int = Field(
+        3600, ge=0, description="Unknown senders get at most one refusal per this many seconds."
+    )
+
+    @field_validator("admins", "operators", "viewers")
+    @classmethod
+    def _identities(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not _IDENTITY.match(value):
+                raise ValueError(
+                    'expected "<transport>:<user id>" (e.g. "matrix:@alice:example.org"), '
+                    f'got "{value}"'
+                )
+        return values
+
+
+class DispatcherConfig(_Section):
+    coalesce_window_ms: int = Field(
+        1500, ge=0, description="Freeform messages arriving within this window form one agent run."
+    )
+    max_window_ms: int = Field(
+        10000, ge=0, description="A batch fires at most this long after its first message."
+    )
+    max_queued_messages: int = Field(
+        20, ge=1, description="Freeform messages that may wait per session; more are refused."
+    )
+    max_concurrent_runs: int = Field(
+        4, ge=1, description="Agent runs at once across all sessions; others wait in order."
+    )
+    confirm_timeout_s: int = Field(
+        120, ge=1, description="How long a destructive command waits for `confirm`."
+    )
+
+    @model_validator(mode="after")
+    def _window_order(self) -> DispatcherConfig:
+        if self.max_window_ms < self.coalesce_window_ms:
+            raise ValueError(
+                f"max_window_ms ({self.max_window_ms}) must be >= coalesce_window_ms "
+                f"({self.coalesce_window_ms})"
+            )
+        return self
+
+
+class AgentConfig(_Section):
+    preset: Literal["command"] = Field(
+        "command", description='Agent kind. "command" runs `command` with the prompt on stdin.'
+    )
+    where: Literal["host"] = Field(
+        "host", description='Where the agent runs. "host" runs it on this machine.'
+    )
+    command: list[str] = Field(
+        default_factory=list,
+        description='argv of the agent, e.g. ["my-agent", "--flag"]; empty means no agent.',
+    )
+    timeout_s: int = Field(3600, ge=1, description="A run is cancelled after this many seconds.")
+
+
+class HttpConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address of the webhook server (Slack, WhatsApp).")
+    port: int = Field(8765, ge=1, le=65535, description="Port of the webhook server.")
+
+
+class ConsoleTransportConfig(_Section):
+    enabled: bool = Field(False, description="Serve the local console in `podbay run`.")
+
+
+class TransportsConfig(_Section):
+    console: ConsoleTransportConfig = Field(default_factory=ConsoleTransportConfig)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PODBAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR, description="Database, keys and logs live here (or PODBAY_DATA_DIR)."
+    )
+    bot: BotConfig = Field(default_factory=BotConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    transports: TransportsConfig = Field(default_factory=TransportsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must override it.
+        return (env_settings, init_settings)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+        current = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return list(current.model_fields) if current is not None else []
+
+
+def _describe(error: Any, source: str) -> str:
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(Settings, loc), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown key {key} ({source}){hint}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    shown = repr(value) if not isinstance(value, dict) else "(section)"
+    return f"{key} = {shown} ({source}): {message}"
+
+
+def load_settings(
+    config_path: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+) -> tuple[Settings, Path | None]:
+    """Load settings from a TOML file (optional) and the environment.
+
+    The file is ``config_path``, else ``$PODBAY_CONFIG``, else ``~/.config/podbay/config.toml``
+    when it exists. Returns the settings and the path actually read.
+    """
+    env = os.environ
+    explicit = config_path or (Path(env["PODBAY_CONFIG"]) if env.get("PODBAY_CONFIG") else None)
+    path = (explicit or DEFAULT_CONFIG_PATH).expanduser()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    elif explicit is not None:
+        raise ConfigError(f"config file {path} does not exist; create it with `podbay init`")
+    read = path if path.exists() else None
+    if data_dir is not None:
+        data["data_dir"] = str(data_dir)
+    source = str(path) if read else "defaults"
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        if any(str(k).startswith("PODBAY_") for k in env):
+            source += " or PODBAY_* environment"
+        problems = "\n".join(f"  - {_describe(err, source)}" for err in exc.errors())
+        raise ConfigError(f"invalid configuration:\n{problems}") from exc
+    if data_dir is not None:
+        # An explicit --data-dir beats PODBAY_DATA_DIR.
+        settings.data_dir = data_dir.expanduser()
+    return settings, read
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, Path):
+        return _toml_value(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, list[tuple[str, Any, str]]]]:
+    own: list[tuple[str, Any, str]] = []
+    nested: list[tuple[str, list[tuple[str, Any, str]]]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested.extend(_sections(annotation, f"{prefix}{name}."))
+            continue
+        default = info.get_default(call_default_factory=True)
+        own.append((name, default, info.description or ""))
+    result = [(prefix.rstrip("."), own)] if own else []
+    return result + nested
+
+
+def config_reference() -> list[tuple[str, Any, str]]:
+    """Every config key as (dotted key, default, description), in file order."""
+    rows: list[tuple[str, Any, str]] = []
+    for section, fields in _sections(Settings, ""):
+        for name, default, description in fields:
+            rows.append((f"{section}.{name}" if section else name, default, description))
+    return rows
+
+
+def default_config_toml() -> str:
+    """A commented TOML file listing every key with its default."""
+    lines = [
+        "# podbay configuration. Every key is shown with its default.",
+        "# Environment variables override this file: PODBAY_<SECTION>__<KEY>, e.g.",
+        "# PODBAY_DISPATCHER__COALESCE_WINDOW_MS=500.",
+        "",
+    ]
+    for section, fields in _sections(Settings, ""):
+        if section:
+            lines.append(f"[{section}]")
+        for name, default, description in fields:
+            if description:
+                lines.append(f"# {description}")
+            if name == "data_dir":
+                lines.append(f"# {name} = {_toml_value(str(DEFAULT_DATA_DIR))}")
+            else:
+                lines.append(f"{name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def identity_matches(pattern: str, identity: str) -> bool:
+    """``"<transport>:*"`` matches every user of that transport; otherwise exact."""
+    if pattern.endswith(":*"):
+        return identity.startswith(pattern[:-1])
+    return pattern == identity

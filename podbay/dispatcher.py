@@ -1,0 +1,565 @@
+"""The coalescing per-session dispatcher: it owns ordering and concurrency.
+
+Every inbound message is written to the inbox first (a redelivery is dropped there).
+Each session then handles its messages in arrival order on a *front lane*: control
+commands are answered at once, job commands are validated (and confirmed) in order and
+then run in the background as engine jobs, and freeform text goes to the session's
+*freeform lane*. The freeform lane debounces messages into batches, runs at most one
+agent run at a time, and queues whatever arrives during a run for one follow-up run.
+A FIFO of slots caps concurrent runs across all sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from podbay.commands.confirm import Proposals
+from podbay.commands.context import CommandContext
+from podbay.commands.registry import Freeform, Registry
+from podbay.commands.roles import Role, role_for
+from podbay.config import Settings
+from podbay.engine.agents import AgentRun, FinishedEvent, RunRequest, TextEvent
+from podbay.engine.core import Engine
+from podbay.engine.store import InboxRow
+from podbay.errors import PermissionDenied, UserError
+from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
+from podbay.transports.base import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pending:
+    inbox_id: int
+    sender: Sender
+    text: str
+
+
+@dataclass
+class ActiveRun:
+    run_id: int
+    messages: int
+    started: float
+
+
+@dataclass
+class _Session:
+    key: SessionKey
+    front: deque[tuple[int, Inbound]] = field(default_factory=deque)
+    front_task: asyncio.Task[None] | None = None
+    pending: list[Pending] = field(default_factory=list)
+    first_at: float | None = None
+    deadline: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    lane_task: asyncio.Task[None] | None = None
+    running: ActiveRun | None = None
+    typing: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return (
+            not self.front
+            and self.front_task is None
+            and self.lane_task is None
+            and not self.pending
+        )
+
+
+class FifoSlots:
+    """A semaphore that hands out slots strictly in request order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self._free
+
+    def try_acquire(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future in self._waiters:
+                self._waiters.remove(future)
+            elif future.done() and not future.cancelled():
+                self.release()  # handed a slot just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
+
+
+def compose_prompt(batch: list[Pending]) -> str:
+    """Join a batch by blank lines; name each sender when more than one wrote."""
+    several = len({p.sender.identity for p in batch}) > 1
+    return "\n\n".join(f"{p.sender.name}: {p.text}" if several else p.text for p in batch)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.registry = registry
+        self.settings = settings
+        self._cfg = settings.dispatcher
+        self._clock = clock
+        self.proposals = Proposals(self._cfg.confirm_timeout_s, clock)
+        self._transports: dict[str, Transport] = {}
+        self._sessions: dict[SessionKey, _Session] = {}
+        self._slots = FifoSlots(self._cfg.max_concurrent_runs)
+        self._denied: dict[str, float] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flushing = False
+        self._closed = False
+        # Counters a user (or `status`) can see; never reset while running.
+        self.stats = {"runs": 0, "refused": 0, "redeliveries": 0, "denied": 0}
+
+    # -- wiring -----------------------------------------------------------------------
+
+    def attach(self, transport: Transport) -> None:
+        self._transports[transport.name] = transport
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def active_runs(self) -> int:
+        return self._slots.in_use
+
+    async def send(self, session: SessionKey, reply: Reply) -> MessageRef | None:
+        """Send through the session's transport; a failing platform never breaks a lane."""
+        transport = self._transports.get(session.transport)
+        if transport is None:
+            log.warning("no transport %r for a reply to %s", session.transport, session)
+            return None
+        try:
+            return await transport.send(session, reply)
+        except Exception:
+            log.exception("sending a reply to %s failed", session)
+            return None
+
+    async def _typing(self, state: _Session, active: bool) -> None:
+        transport = self._transports.get(state.key.transport)
+        if transport is None or not transport.capabilities.typing or state.typing == active:
+            return
+        state.typing = active
+        try:
+            await transport.typing(state.key, active)
+        except Exception:
+            log.warning("typing indicator for %s failed", state.key, exc_info=True)
+
+    # -- intake -----------------------------------------------------------------------
+
+    async def submit(self, inbound: Inbound) -> None:
+        """Entry point for transports. Returns once the message is safely in the inbox."""
+        inbox_id = await self.store.inbox_add(inbound, self.registry.redact(inbound.text))
+        if inbox_id is None:
+            self.stats["redeliveries"] += 1
+            log.debug("redelivery of %s/%s dropped", inbound.session.transport, inbound.platform_id)
+            return
+        if self._closed:
+            return  # stays "received": the next start dispatches it
+        self._enqueue(inbox_id, inbound)
+
+    def _state(self, key: SessionKey) -> _Session:
+        state = self._sessions.get(key)
+        if state is None:
+            state = self._sessions[key] = _Session(key)
+            self._idle.clear()
+        return state
+
+    def _enqueue(self, inbox_id: int, inbound: Inbound) -> None:
+        state = self._state(inbound.session)
+        state.front.append((inbox_id, inbound))
+        if state.front_task is None:
+            state.front_task = asyncio.create_task(
+                self._front(state), name=f"front-{inbound.session}"
+            )
+
+    def _maybe_evict(self, state: _Session) -> None:
+        if state.idle and self._sessions.get(state.key) is state:
+            del self._sessions[state.key]
+            if not self._sessions:
+                self._idle.set()
+
+    async def _front(self, state: _Session) -> None:
+        try:
+            while state.front:
+                inbox_id, inbound = state.front.popleft()
+                try:
+                    await self._handle(state, inbox_id, inbound)
+                except Exception:
+                    # _handle reports its own errors; this is the last line of defence.
+                    log.exception("front lane of %s failed on inbox %s", state.key, inbox_id)
+        finally:
+            state.front_task = None
+            self._maybe_evict(state)
+
+    async def _handle(self, state: _Session, inbox_id: int, inbound: Inbound) -> None:
+        role = role_for(inbound.sender.identity, self.settings.access)
+        if role is None:
+            await self.store.inbox_mark([inbox_id], "done", kind="denied")
+            await self._deny(inbound)
+            return
+        await self.store.inbox_mark([inbox_id], "processing")
+        kind = ""
+        try:
+            if self.registry.has_secret(inbound.text) and not inbound.is_direct:
+                kind = "control"
+                raise UserError(
+                    "Secrets such as `--token` are accepted only in a private 1:1 conversation "
+                    "with podbay. Nothing was done; revoke that token if others can read this "
+                    "room, and send the command again in a direct message."
+                )
+            parsed = self.registry.parse(
+                inbound.text, mentioned=inbound.mentioned, extra_aliases=inbound.aliases
+            )
+            if isinstance(parsed, Freeform):
+                kind = "freeform"
+                if role < Role.OPERATOR:
+                    raise PermissionDenied(
+                        f"Talking to the agent needs the operator role; you are a {role.label}."
+                    )
+                await self._accept_freeform(state, inbox_id, inbound, parsed.text)
+                return
+            spec = parsed.spec
+            kind = spec.kind
+            if role < spec.role:
+                raise PermissionDenied(
+                    f"`{spec.name}` needs the {spec.role.label} role; you are a {role.label}."
+                )
+            ctx = CommandContext(
+                inbound=inbound,
+                role=role,
+                engine=self.engine,
+                registry=self.registry,
+                settings=self.settings,
+                proposals=self.proposals,
+                control=self,
+                send=self.send,
+            )
+            await spec.handler(ctx, parsed)
+        except UserError as exc:
+            await self.send(inbound.session, Reply(str(exc), "error"))
+        except Exception as exc:
+            ref = secrets.token_hex(4)
+            log.exception("handling inbox %s failed [ref %s]", inbox_id, ref)
+            await self.store.inbox_mark([inbox_id], "failed", kind=kind, note=f"ref {ref}: {exc}")
+            await self.send(inbound.session, Reply(f"Something went wrong (ref `{ref}`).", "error"))
+            return
+        await self.store.inbox_mark([inbox_id], "done", kind=kind)
+
+    async def _deny(self, inbound: Inbound) -> None:
+        self.stats["denied"] += 1
+        identity = inbound.sender.identity
+        now = self._clock()
+        interval = self.settings.access.deny_reply_interval_s
+        # Keep the table bounded: forget refusals older than the interval.
+        for who in [w for w, at in self._denied.items() if now - at >= interval]:
+            del self._denied[who]
+        if identity in self._denied:
+            return
+        self._denied[identity] = now
+        await self.send(
+            inbound.session,
+            Reply(
+                f"You are not allowed to use podbay here; ask an admin to add `{identity}` "
+                "to [access] in podbay's config.",
+                "denied",
+            ),
+        )
+
+    # -- freeform lane ----------------------------------------------------------------
+
+    async def _accept_freeform(
+        self, state: _Session, inbox_id: int, inbound: Inbound, text: str
+    ) -> None:
+        limit = self._cfg.max_queued_messages
+        if len(state.pending) >= limit:
+            self.stats["refused"] += 1
+            await self.store.inbox_mark([inbox_id], "done", kind="freeform", note="refused: full")
+            await self.send(
+                state.key,
+                Reply(
+                    f"Not queued: {len(state.pending)} messages are already waiting (the limit "
+                    f"is {limit}). Wait for the current run to finish, or send `stop`.",
+                    "error",
+                ),
+            )
+            return
+        await self.store.inbox_mark([inbox_id], "processing", kind="freeform")
+        now = self._clock()
+        state.pending.append(Pending(inbox_id, inbound.sender, text))
+        if state.first_at is None:
+            state.first_at = now
+        window = self._cfg.coalesce_window_ms / 1000
+        ceiling = state.first_at + self._cfg.max_window_ms / 1000
+        state.deadline = now if self._flushing else min(now + window, ceiling)
+        state.wake.set()
+        if state.lane_task is None:
+            state.lane_task = asyncio.create_task(self._lane(state), name=f"lane-{state.key}")
+        await self._typing(state, True)
+
+    async def _wait_deadline(self, state: _Session) -> None:
+        while True:
+            delay = state.deadline - self._clock()
+            if delay <= 0 or self._flushing:
+                return
+            state.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.wake.wait(), delay)
+
+    async def _lane(self, state: _Session) -> None:
+        try:
+            while state.pending:
+                await self._wait_deadline(state)
+                if not self._slots.try_acquire():
+                    ahead, size = self._slots.waiting, self._slots.size
+                    await self.send(
+                        state.key,
+                        Reply(
+                            f"Queued ({ahead} ahead): all {size} agent slot(s) are busy; "
+                            "your run starts when one frees up.",
+                            "progress",
+                        ),
+                    )
+                    await self._slots.acquire()
+                try:
+                    # Whatever arrived while we waited for a slot joins this batch.
+                    batch, state.pending, state.first_at = state.pending, [], None
+                    if batch:
+                        await self._run(state, batch)
+                finally:
+                    self._slots.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("freeform lane of %s failed", state.key)
+        finally:
+            state.lane_task = None
+            await self._typing(state, False)
+            self._maybe_evict(state)
+
+    async def _run(self, state: _Session, batch: list[Pending]) -> None:
+        ids = [p.inbox_id for p in batch]
+        prompt = compose_prompt(batch)
+        project = await self.engine.active_project(state.key)
+        session_row = await self.store.session_get(state.key)
+        agent = self.engine.agent
+        run_id = await self.store.run_create(
+            state.key, project.name if project else "", prompt, agent.name
+        )
+        await self.store.inbox_attach_run(ids, run_id)
+        self.stats["runs"] += 1
+        state.running = ActiveRun(run_id, len(batch), self._clock())
+        run: AgentRun | None = None
+        finished: FinishedEvent | None = None
+        try:
+            request = RunRequest(
+                prompt=prompt,
+                session=str(state.key),
+                project=project.name if project else "",
+                workdir=Path(project.path) if project else None,
+                session_state=(
+                    {"agent_session_id": session_row.agent_sessions[project.name]}
+                    if project and project.name in session_row.agent_sessions
+                    else {}
+                ),
+            )
+            run = agent.run(request)
+            await self.store.run_start(run_id)
+            async with asyncio.timeout(self.settings.agent.timeout_s):
+                async for event in run:
+                    if isinstance(event, TextEvent):
+                        await self.store.run_event(run_id, "text", event.text)
+                        await self.send(state.key, Reply(event.text, "agent"))
+                    elif isinstance(event, FinishedEvent):
+                        finished = event
+        except asyncio.CancelledError:
+            if run is not None:
+                await run.cancel()
+            await self.store.run_finish(run_id, "cancelled", error="stopped")
+            await self.store.inbox_mark(ids, "done", note="run cancelled")
+            raise
+        except TimeoutError:
+            if run is not None:
+                await run.cancel()
+            finished = FinishedEvent(
+                ok=False, error=f"timed out after {self.settings.agent.timeout_s} s; stopped"
+            )
+        except UserError as exc:
+            # Not the agent failing but podbay unable to start it: say only why.
+            await self.store.run_finish(run_id, "failed", error=str(exc))
+            await self.store.inbox_mark(ids, "done")
+            await self.send(state.key, Reply(str(exc), "error"))
+            return
+        except Exception as exc:
+            ref = secrets.token_hex(4)
+            log.exception("agent run %s failed [ref %s]", run_id, ref)
+            if run is not None:
+                await run.cancel()
+            finished = FinishedEvent(ok=False, error=f"internal error (ref {ref}): {exc}")
+        finally:
+            state.running = None
+        await self._record(state, run_id, ids, project.name if project else "", finished)
+
+    async def _record(
+        self,
+        state: _Session,
+        run_id: int,
+        ids: list[int],
+        project: str,
+        finished: FinishedEvent | None,
+    ) -> None:
+        if finished is None:
+            finished = FinishedEvent(ok=False, error="the agent ended without a result")
+        await self.store.run_finish(
+            run_id,
+            "succeeded" if finished.ok else "failed",
+            exit_code=finished.exit_code,
+            error=finished.error,
+            usage=dict(finished.usage),
+            cost_usd=finished.cost_usd,
+        )
+        if finished.agent_session_id and project:
+            await self.store.session_set_agent_session(
+                state.key, project, finished.agent_session_id
+            )
+        await self.store.inbox_mark(ids, "done")
+        if not finished.ok:
+            code = f" (exit {finished.exit_code})" if finished.exit_code is not None else ""
+            detail = finished.error.strip()
+            body = f"\n```\n{detail}\n```" if "\n" in detail or finished.exit_code else f" {detail}"
+            await self.send(state.key, Reply(f"Agent run failed{code}:{body}", "error"))
+
+    # -- control ----------------------------------------------------------------------
+
+    async def stop_session(self, session: SessionKey) -> str:
+        """Cancel the session's run (awaiting it) and drop its queue."""
+        state = self._sessions.get(session)
+        if state is None or (not state.pending and state.lane_task is None):
+            return "Nothing to stop."
+        dropped, state.pending, state.first_at = state.pending, [], None
+        if dropped:
+            await self.store.inbox_mark(
+                [p.inbox_id for p in dropped], "done", note="dropped by stop"
+            )
+        task = state.lane_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return f"Stopped. Dropped {len(dropped)} queued message(s)."
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a crash: record interrupted work, tell its sessions, re-dispatch the rest."""
+        await self.store.runs_interrupt_stale()
+        for job in await self.store.jobs_interrupt_stale():
+            key = SessionKey.parse(job.session_key) if job.session_key else None
+            if key is not None:
+                await self.send(
+                    key,
+                    Reply(
+                        f"podbay restarted during `{job.kind}` of {job.project}; "
+                        "check `status` and retry if needed.",
+                        "error",
+                    ),
+                )
+        interrupted, received = await self.store.inbox_recover()
+        by_session: dict[SessionKey, list[InboxRow]] = {}
+        for row in interrupted:
+            by_session.setdefault(row.inbound.session, []).append(row)
+        for key, rows in by_session.items():
+            lines = [
+                f"podbay restarted while working on: {_excerpt(r.inbound.text)}; "
+                "resend if still needed"
+                for r in rows[:10]
+            ]
+            if len(rows) > 10:
+                lines.append(f"…and {len(rows) - 10} more.")
+            await self.send(key, Reply("\n".join(lines), "error"))
+        for row in received:
+            self._enqueue(row.id, row.inbound)
+
+    async def drain(self) -> None:
+        """Run everything queued (without waiting out coalescing windows) and wait for it."""
+        self._flushing = True
+        try:
+            while self._sessions or self.engine.jobs.running():
+                for state in self._sessions.values():
+                    state.wake.set()
+                if self._sessions:
+                    self._idle.clear()
+                    await self._idle.wait()
+                await self.engine.jobs.wait_idle()
+        finally:
+            self._flushing = False
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop taking messages, give work ``grace_s`` to finish, then cancel the rest."""
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), grace_s)
+        tasks: list[asyncio.Task[None]] = []
+        for state in list(self._sessions.values()):
+            state.front.clear()
+            for task in (state.front_task, state.lane_task):
+                if task is not None:
+                    task.cancel()
+                    tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.engine.jobs.cancel_all()
+
+    def snapshot(self) -> dict[str, object]:
+        """Live numbers for status and benchmarks."""
+        return {
+            "sessions": len(self._sessions),
+            "active_runs": self._slots.in_use,
+            "waiting_for_slot": self._slots.waiting,
+            "queued": {str(k): len(s.pending) for k, s in self._sessions.items() if s.pending},
+            **self.stats,
+        }
+
+
+def _excerpt(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -1,0 +1,1 @@
+"""Engine: persistence, containers, agents and jobs."""

@@ -1,0 +1,93 @@
+"""The engine: owns state and side effects; knows nothing about chat platforms."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from podbay.config import Settings
+from podbay.engine.agents import Agent, build_agent
+from podbay.engine.jobs import JobRunner
+from podbay.engine.store import JobRow, ProjectRow, RunRow, Store
+from podbay.errors import NotConfigured, UserError
+from podbay.messages import SessionKey
+
+
+class Provisioner(Protocol):
+    """Creates and manages project containers. Arrives with the [containers] work."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    projects: list[ProjectRow]
+    active_runs: list[RunRow]
+    queue_depths: dict[str, int]
+    jobs: list[JobRow]
+    notes: list[str] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        agent: Agent | None = None,
+        provisioner: Provisioner | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.agent = agent or build_agent(
+            settings.agent.command, settings.agent.preset, settings.agent.where
+        )
+        self.provisioner = provisioner
+        self.jobs = JobRunner(store)
+
+    # -- projects ---------------------------------------------------------------------
+
+    async def project(self, name: str) -> ProjectRow:
+        row = await self.store.project_get(name)
+        if row is None:
+            names = [p.name for p in await self.store.project_list()]
+            close = difflib.get_close_matches(name, names, n=1)
+            if close:
+                hint = f" Did you mean `{close[0]}`?"
+            elif names:
+                hint = f" Projects: {', '.join(names)}."
+            else:
+                hint = " There are no projects yet: `new project <name>` creates one."
+            raise UserError(f"No project named `{name[:40]}`.{hint}")
+        return row
+
+    async def active_project(self, session: SessionKey) -> ProjectRow | None:
+        row = await self.store.session_get(session)
+        if row.active_project is None:
+            return None
+        return await self.store.project_get(row.active_project)
+
+    async def use_project(self, session: SessionKey, name: str | None) -> ProjectRow | None:
+        """Make ``name`` the session's active project (None clears it)."""
+        project = await self.project(name) if name is not None else None
+        await self.store.session_set_project(session, project.name if project else None)
+        return project
+
+    def require_provisioner(self) -> Provisioner:
+        if self.provisioner is None:
+            raise NotConfigured(
+                "No container provisioner is configured, so projects cannot be created or "
+                "deleted yet. Container support arrives with podbay's Docker engine integration."
+            )
+        return self.provisioner
+
+    # -- status -----------------------------------------------------------------------
+
+    async def status(self) -> StatusReport:
+        return StatusReport(
+            projects=await self.store.project_list(),
+            active_runs=await self.store.runs_active(),
+            queue_depths=await self.store.queue_depths(),
+            jobs=await self.store.jobs_active(),
+        )

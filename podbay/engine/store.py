@@ -1,0 +1,1010 @@
+"""Persistent state: projects, sessions, the inbox, agent runs, jobs and the audit log.
+
+Everything lives in one SQLite database reached through ONE aiosqlite connection. That
+connection is shared by every coroutine, so each public method holds ``Store._lock``: a
+transaction must never interleave with statements from another coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, cast
+
+import aiosqlite
+
+from podbay.errors import StoreError
+from podbay.messages import Inbound, Sender, SessionKey
+
+__all__ = [
+    "MIGRATIONS",
+    "AuditRow",
+    "InboxRow",
+    "InboxStatus",
+    "JobRow",
+    "JobStatus",
+    "ProjectRow",
+    "RunRow",
+    "RunStatus",
+    "SessionRow",
+    "Store",
+]
+
+RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled", "interrupted"]
+InboxStatus = Literal["received", "processing", "done", "failed", "interrupted"]
+JobStatus = Literal["pending", "running", "succeeded", "failed", "interrupted"]
+
+# One tuple of statements per schema version (index 0 = version 1). Statements are run one
+# by one inside a single transaction: executescript() would COMMIT implicitly and could leave
+# a half-applied migration behind. Never edit a released migration; append a new one.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """
+        CREATE TABLE projects (
+            name TEXT PRIMARY KEY,
+            stack TEXT NOT NULL DEFAULT '',
+            path TEXT NOT NULL,
+            git_url TEXT NOT NULL DEFAULT '',
+            ssh_port INTEGER UNIQUE,
+            state TEXT NOT NULL DEFAULT 'creating',
+            container_id TEXT NOT NULL DEFAULT '',
+            image TEXT NOT NULL DEFAULT '',
+            created_by TEXT NOT NULL DEFAULT '',
+            settings TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE sessions (
+            session_key TEXT PRIMARY KEY,
+            transport TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            thread TEXT NOT NULL DEFAULT '',
+            active_project TEXT REFERENCES projects(name) ON DELETE SET NULL,
+            agent_sessions TEXT NOT NULL DEFAULT '{}',
+            last_activity REAL NOT NULL
+        )
+        """,
+        # runs.project has no foreign key on purpose: run history survives project removal.
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            session_key TEXT NOT NULL,
+            project TEXT NOT NULL DEFAULT '',
+            prompt TEXT NOT NULL,
+            agent TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL CHECK (status IN
+                ('pending', 'running', 'succeeded', 'failed', 'cancelled', 'interrupted')),
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            exit_code INTEGER,
+            usage TEXT NOT NULL DEFAULT '{}',
+            cost_usd REAL,
+            error TEXT NOT NULL DEFAULT ''
+        )
+        """,
+        """
+        CREATE TABLE run_events (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL,
+            at REAL NOT NULL,
+            UNIQUE (run_id, seq)
+        )
+        """,
+        """
+        CREATE TABLE inbox (
+            id INTEGER PRIMARY KEY,
+            transport TEXT NOT NULL,
+            platform_id TEXT NOT NULL,
+            session_key TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            thread TEXT NOT NULL DEFAULT '',
+            sender_id TEXT NOT NULL,
+            sender_name TEXT NOT NULL DEFAULT '',
+            is_direct INTEGER NOT NULL DEFAULT 0,
+            mentioned INTEGER NOT NULL DEFAULT 0,
+            text TEXT NOT NULL,
+            kind TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL CHECK (status IN
+                ('received', 'processing', 'done', 'failed', 'interrupted')),
+            note TEXT NOT NULL DEFAULT '',
+            run_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+            received_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            UNIQUE (transport, platform_id)
+        )
+        """,
+        "CREATE INDEX inbox_status ON inbox (status)",
+        "CREATE INDEX inbox_session_status ON inbox (session_key, status)",
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            project TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN
+                ('pending', 'running', 'succeeded', 'failed', 'interrupted')),
+            session_key TEXT NOT NULL DEFAULT '',
+            requested_by TEXT NOT NULL DEFAULT '',
+            params TEXT NOT NULL DEFAULT '{}',
+            steps TEXT NOT NULL DEFAULT '[]',
+            error TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL
+        )
+        """,
+        """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            session_key TEXT NOT NULL DEFAULT '',
+            action TEXT NOT NULL,
+            target TEXT NOT NULL DEFAULT '',
+            result TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT ''
+        )
+        """,
+    ),
+]
+
+_RESTARTED = "podbay restarted"
+_PROJECT_FIELDS = frozenset(
+    {"stack", "path", "git_url", "ssh_port", "state", "container_id", "image", "settings"}
+)
+
+Params = Sequence[Any]
+
+
+# --------------------------------------------------------------------------- row values
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRow:
+    name: str
+    stack: str
+    path: str
+    git_url: str
+    ssh_port: int | None
+    state: str
+    container_id: str
+    image: str
+    created_by: str
+    settings: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """An inbox entry; ``inbound`` is rebuilt from the stored columns (without aliases)."""
+
+    id: int
+    inbound: Inbound
+    kind: str
+    status: InboxStatus
+    note: str
+    run_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    id: int
+    session_key: str
+    project: str
+    prompt: str
+    agent: str
+    status: RunStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    usage: dict[str, Any]
+    cost_usd: float | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: int
+    project: str
+    kind: str
+    status: JobStatus
+    session_key: str
+    requested_by: str
+    params: dict[str, Any]
+    steps: list[dict[str, Any]]
+    error: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    id: int
+    at: float
+    actor: str
+    session_key: str
+    action: str
+    target: str
+    result: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    session_key: str
+    active_project: str | None
+    agent_sessions: dict[str, str]
+    last_activity: float
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    return cast(dict[str, Any], value) if isinstance(value, dict) else {}
+
+
+def _json_list(text: str) -> list[dict[str, Any]]:
+    value = json.loads(text)
+    return cast(list[dict[str, Any]], value) if isinstance(value, list) else []
+
+
+def _project(row: sqlite3.Row) -> ProjectRow:
+    return ProjectRow(
+        name=row["name"],
+        stack=row["stack"],
+        path=row["path"],
+        git_url=row["git_url"],
+        ssh_port=row["ssh_port"],
+        state=row["state"],
+        container_id=row["container_id"],
+        image=row["image"],
+        created_by=row["created_by"],
+        settings=_json_dict(row["settings"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _inbox(row: sqlite3.Row) -> InboxRow:
+    inbound = Inbound(
+        session=SessionKey(row["transport"], row["conversation"], row["thread"]),
+        sender=Sender(row["transport"], row["sender_id"], row["sender_name"]),
+        text=row["text"],
+        platform_id=row["platform_id"],
+        received_at=row["received_at"],
+        is_direct=bool(row["is_direct"]),
+        mentioned=bool(row["mentioned"]),
+    )
+    return InboxRow(
+        id=row["id"],
+        inbound=inbound,
+        kind=row["kind"],
+        status=cast(InboxStatus, row["status"]),
+        note=row["note"],
+        run_id=row["run_id"],
+    )
+
+
+def _run(row: sqlite3.Row) -> RunRow:
+    return RunRow(
+        id=row["id"],
+        session_key=row["session_key"],
+        project=row["project"],
+        prompt=row["prompt"],
+        agent=row["agent"],
+        status=cast(RunStatus, row["status"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        exit_code=row["exit_code"],
+        usage=_json_dict(row["usage"]),
+        cost_usd=row["cost_usd"],
+        error=row["error"],
+    )
+
+
+def _job(row: sqlite3.Row) -> JobRow:
+    return JobRow(
+        id=row["id"],
+        project=row["project"],
+        kind=row["kind"],
+        status=cast(JobStatus, row["status"]),
+        session_key=row["session_key"],
+        requested_by=row["requested_by"],
+        params=_json_dict(row["params"]),
+        steps=_json_list(row["steps"]),
+        error=row["error"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def _audit(row: sqlite3.Row) -> AuditRow:
+    return AuditRow(
+        id=row["id"],
+        at=row["at"],
+        actor=row["actor"],
+        session_key=row["session_key"],
+        action=row["action"],
+        target=row["target"],
+        result=row["result"],
+        detail=row["detail"],
+    )
+
+
+def _project_integrity(exc: sqlite3.IntegrityError, name: str, port: int | None) -> StoreError:
+    """Turn a constraint failure on ``projects`` into a message a user can act on."""
+    text = str(exc)
+    if "projects.ssh_port" in text:
+        return StoreError(f"ssh port {port} is already in use")
+    if "projects.name" in text:
+        return StoreError(f"project {name} already exists")
+    return StoreError(f"cannot store project {name}: {text}")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """Async access to the podbay database. Create with :meth:`Store.open`."""
+
+    def __init__(self, db: aiosqlite.Connection, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time) -> Store:
+        """Open (creating if needed) the database at ``path`` and bring its schema up to date.
+
+        ``":memory:"`` gives a private in-memory database.
+        """
+        memory = str(path) == ":memory:"
+        if not memory:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: sqlite3 must not open transactions behind our back; _tx
+            # issues BEGIN IMMEDIATE / COMMIT itself.
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        db.row_factory = sqlite3.Row
+        store = cls(db, clock)
+        try:
+            if not memory:
+                await store._execute("PRAGMA journal_mode=WAL")
+            # foreign_keys is a no-op inside a transaction, so it must be set here, up front.
+            await store._execute("PRAGMA foreign_keys=ON")
+            await store._execute("PRAGMA synchronous=NORMAL")
+            await store._execute("PRAGMA busy_timeout=5000")
+            await store._migrate()
+        except BaseException as exc:
+            # Close before propagating; a leaked connection keeps its worker thread alive.
+            await db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"database {path} is unusable: {exc}") from exc
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the connection. Safe to call twice."""
+        async with self._lock:
+            await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def _execute(self, sql: str, params: Params = ()) -> tuple[int, int | None]:
+        """Run one statement; return (rowcount, lastrowid)."""
+        async with self._db.execute(sql, params) as cur:
+            return cur.rowcount, cur.lastrowid
+
+    async def _executemany(self, sql: str, params: Iterable[Params]) -> None:
+        async with self._db.executemany(sql, params):
+            pass
+
+    async def _fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        async with self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def _fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        async with self._db.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[None]:
+        """Hold the lock for one BEGIN IMMEDIATE ... COMMIT; roll back on any exception."""
+        async with self._lock:
+            # IMMEDIATE takes the write lock up front, so a read-modify-write cannot fail
+            # half-way with SQLITE_BUSY when another process writes too.
+            await self._execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self._execute("COMMIT")
+            except BaseException:
+                # OperationalError: SQLite already rolled back on its own (some I/O errors do).
+                with suppress(sqlite3.OperationalError):
+                    await self._execute("ROLLBACK")
+                raise
+
+    async def _migrate(self) -> None:
+        async with self._tx():
+            await self._execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at REAL)"
+            )
+        current = await self.schema_version()
+        known = len(MIGRATIONS)
+        if current > known:
+            raise StoreError(
+                f"database schema version {current} is newer than this podbay"
+                f" (knows {known}); upgrade podbay"
+            )
+        for version, statements in enumerate(MIGRATIONS, start=1):
+            async with self._tx():
+                # Checked inside the transaction: another process may have migrated meanwhile.
+                done = await self._fetchone(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                )
+                if done is not None:
+                    continue
+                for statement in statements:
+                    await self._execute(statement)
+                await self._execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, self._clock()),
+                )
+
+    async def schema_version(self) -> int:
+        """Highest applied migration (0 for an empty database)."""
+        async with self._lock:
+            row = await self._fetchone("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        return int(row[0]) if row is not None else 0
+
+    # ---------------------------------------------------------------- inbox
+
+    async def inbox_add(self, inbound: Inbound, text: str | None = None) -> int | None:
+        """Record a received message; ``None`` if (transport, platform_id) is a redelivery.
+
+        ``text`` replaces ``inbound.text`` in storage (callers pass a redacted copy).
+        """
+        session = inbound.session
+        async with self._lock:
+            count, rowid = await self._execute(
+                """
+                INSERT INTO inbox (transport, platform_id, session_key, conversation, thread,
+                    sender_id, sender_name, is_direct, mentioned, text, status,
+                    received_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+                ON CONFLICT (transport, platform_id) DO NOTHING
+                """,
+                (
+                    session.transport,
+                    inbound.platform_id,
+                    str(session),
+                    session.conversation,
+                    session.thread,
+                    inbound.sender.user_id,
+                    inbound.sender.display_name,
+                    int(inbound.is_direct),
+                    int(inbound.mentioned),
+                    inbound.text if text is None else text,
+                    inbound.received_at,
+                    self._clock(),
+                ),
+            )
+        return rowid if count == 1 else None
+
+    async def inbox_mark(
+        self,
+        ids: Sequence[int],
+        status: InboxStatus,
+        *,
+        kind: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Set the status (and, when given, kind and note) of every id, all or nothing."""
+        now = self._clock()
+        async with self._tx():
+            await self._executemany(
+                """
+                UPDATE inbox SET status = ?, kind = COALESCE(?, kind), note = COALESCE(?, note),
+                    updated_at = ?
+                WHERE id = ?
+                """,
+                [(status, kind, note, now, id_) for id_ in ids],
+            )
+
+    async def inbox_attach_run(self, ids: Sequence[int], run_id: int) -> None:
+        """Link inbox entries to the agent run that handles them."""
+        now = self._clock()
+        async with self._tx():
+            await self._executemany(
+                "UPDATE inbox SET run_id = ?, updated_at = ? WHERE id = ?",
+                [(run_id, now, id_) for id_ in ids],
+            )
+
+    async def inbox_recover(self) -> tuple[list[InboxRow], list[InboxRow]]:
+        """After a restart: mark 'processing' rows 'interrupted' and return them, plus the
+        still-'received' rows to redo, both ordered by id."""
+        async with self._tx():
+            processing = await self._fetchall(
+                "SELECT * FROM inbox WHERE status = 'processing' ORDER BY id"
+            )
+            await self._execute(
+                "UPDATE inbox SET status = 'interrupted', updated_at = ?"
+                " WHERE status = 'processing'",
+                (self._clock(),),
+            )
+            received = await self._fetchall(
+                "SELECT * FROM inbox WHERE status = 'received' ORDER BY id"
+            )
+        # The UPDATE above set exactly these rows' status, inside the same transaction.
+        interrupted = [replace(_inbox(r), status="interrupted") for r in processing]
+        return interrupted, [_inbox(r) for r in received]
+
+    async def inbox_get(self, id: int) -> InboxRow | None:
+        """One inbox entry by id."""
+        async with self._lock:
+            row = await self._fetchone("SELECT * FROM inbox WHERE id = ?", (id,))
+        return _inbox(row) if row is not None else None
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Per session key: free-form messages being processed but not yet given to a run."""
+        async with self._lock:
+            rows = await self._fetchall(
+                """
+                SELECT session_key, COUNT(*) FROM inbox
+                WHERE kind = 'freeform' AND status = 'processing' AND run_id IS NULL
+                GROUP BY session_key
+                """
+            )
+        return {row[0]: int(row[1]) for row in rows}
+
+    # ---------------------------------------------------------------- sessions
+
+    async def session_get(self, key: SessionKey) -> SessionRow:
+        """The stored session, or an empty default (not inserted) if there is none."""
+        async with self._lock:
+            row = await self._fetchone("SELECT * FROM sessions WHERE session_key = ?", (str(key),))
+        if row is None:
+            return SessionRow(str(key), None, {}, 0.0)
+        return SessionRow(
+            session_key=row["session_key"],
+            active_project=row["active_project"],
+            agent_sessions={k: str(v) for k, v in _json_dict(row["agent_sessions"]).items()},
+            last_activity=row["last_activity"],
+        )
+
+    async def _session_upsert(self, key: SessionKey, sets: str = "", params: Params = ()) -> None:
+        """Insert the session if absent, then apply ``sets`` (extra ``col = ?, `` assignments)
+        and bump last_activity."""
+        now = self._clock()
+        await self._execute(
+            """
+            INSERT INTO sessions (session_key, transport, conversation, thread, last_activity)
+            VALUES (?, ?, ?, ?, ?)
+            ON CONFLICT (session_key) DO NOTHING
+            """,
+            (str(key), key.transport, key.conversation, key.thread, now),
+        )
+        await self._execute(
+            f"UPDATE sessions SET {sets}last_activity = ? WHERE session_key = ?",
+            (*params, now, str(key)),
+        )
+
+    async def session_set_project(self, key: SessionKey, project: str | None) -> None:
+        """Select (or clear, with None) the session's active project."""
+        try:
+            async with self._tx():
+                await self._session_upsert(key, "active_project = ?, ", (project,))
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"project {project} does not exist") from exc
+
+    async def session_set_agent_session(
+        self, key: SessionKey, project: str, agent_session_id: str
+    ) -> None:
+        """Remember the agent's own session id for ``project`` in this conversation."""
+        async with self._tx():
+            row = await self._fetchone(
+                "SELECT agent_sessions FROM sessions WHERE session_key = ?", (str(key),)
+            )
+            mapping = _json_dict(row["agent_sessions"]) if row is not None else {}
+            mapping[project] = agent_session_id
+            await self._session_upsert(key, "agent_sessions = ?, ", (json.dumps(mapping),))
+
+    async def session_touch(self, key: SessionKey) -> None:
+        """Record activity in the session now."""
+        async with self._tx():
+            await self._session_upsert(key)
+
+    async def sessions_using(self, project: str) -> list[SessionKey]:
+        """Sessions whose active project is ``project``."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT transport, conversation, thread FROM sessions"
+                " WHERE active_project = ? ORDER BY session_key",
+                (project,),
+            )
+        return [SessionKey(r["transport"], r["conversation"], r["thread"]) for r in rows]
+
+    # ---------------------------------------------------------------- projects
+
+    async def _project_get(self, name: str) -> ProjectRow | None:
+        row = await self._fetchone("SELECT * FROM projects WHERE name = ?", (name,))
+        return _project(row) if row is not None else None
+
+    async def project_add(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        stack: str = "",
+        git_url: str = "",
+        ssh_port: int | None = None,
+        state: str = "creating",
+        created_by: str = "",
+        settings: dict[str, Any] | None = None,
+    ) -> ProjectRow:
+        """Insert a project; StoreError if the name or the SSH port is taken."""
+        now = self._clock()
+        try:
+            async with self._tx():
+                await self._execute(
+                    """
+                    INSERT INTO projects (name, stack, path, git_url, ssh_port, state,
+                        created_by, settings, created_at, updated_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """,
+                    (
+                        name,
+                        stack,
+                        str(path),
+                        git_url,
+                        ssh_port,
+                        state,
+                        created_by,
+                        json.dumps(settings or {}),
+                        now,
+                        now,
+                    ),
+                )
+                row = await self._project_get(name)
+        except sqlite3.IntegrityError as exc:
+            raise _project_integrity(exc, name, ssh_port) from exc
+        assert row is not None  # just inserted in the same transaction
+        return row
+
+    async def project_get(self, name: str) -> ProjectRow | None:
+        """One project by name."""
+        async with self._lock:
+            return await self._project_get(name)
+
+    async def project_list(self) -> list[ProjectRow]:
+        """All projects ordered by name."""
+        async with self._lock:
+            rows = await self._fetchall("SELECT * FROM projects ORDER BY name")
+        return [_project(r) for r in rows]
+
+    async def project_update(self, name: str, **fields: Any) -> ProjectRow:
+        """Change some of stack, path, git_url, ssh_port, state, container_id, image, settings."""
+        unknown = sorted(set(fields) - _PROJECT_FIELDS)
+        if unknown:
+            raise StoreError(f"cannot update project field(s): {', '.join(unknown)}")
+        values = dict(fields)
+        if "settings" in values:
+            values["settings"] = json.dumps(values["settings"] or {})
+        if "path" in values:
+            values["path"] = str(values["path"])
+        # Column names come from the whitelist above, never from the caller verbatim.
+        sets = "".join(f"{column} = ?, " for column in values)
+        try:
+            async with self._tx():
+                count, _ = await self._execute(
+                    f"UPDATE projects SET {sets}updated_at = ? WHERE name = ?",
+                    (*values.values(), self._clock(), name),
+                )
+                row = await self._project_get(name) if count else None
+        except sqlite3.IntegrityError as exc:
+            raise _project_integrity(exc, name, fields.get("ssh_port")) from exc
+        if row is None:
+            raise StoreError(f"project {name} does not exist")
+        return row
+
+    async def project_remove(self, name: str) -> bool:
+        """Delete a project (sessions using it fall back to none); False if it did not exist."""
+        async with self._lock:
+            count, _ = await self._execute("DELETE FROM projects WHERE name = ?", (name,))
+        return count > 0
+
+    async def ports_in_use(self) -> set[int]:
+        """SSH ports assigned to any project."""
+        async with self._lock:
+            rows = await self._fetchall("SELECT ssh_port FROM projects WHERE ssh_port IS NOT NULL")
+        return {int(r[0]) for r in rows}
+
+    # ---------------------------------------------------------------- runs
+
+    async def run_create(self, session: SessionKey, project: str, prompt: str, agent: str) -> int:
+        """Record a new agent run in state 'pending'; returns its id."""
+        async with self._lock:
+            _, rowid = await self._execute(
+                """
+                INSERT INTO runs (session_key, project, prompt, agent, status, created_at)
+                VALUES (?, ?, ?, ?, 'pending', ?)
+                """,
+                (str(session), project, prompt, agent, self._clock()),
+            )
+        assert rowid is not None
+        return rowid
+
+    async def run_start(self, run_id: int) -> None:
+        """Mark a run 'running'."""
+        async with self._lock:
+            count, _ = await self._execute(
+                "UPDATE runs SET status = 'running', started_at = ? WHERE id = ?",
+                (self._clock(), run_id),
+            )
+        if not count:
+            raise StoreError(f"run {run_id} does not exist")
+
+    async def run_finish(
+        self,
+        run_id: int,
+        status: RunStatus,
+        *,
+        exit_code: int | None = None,
+        error: str = "",
+        usage: dict[str, Any] | None = None,
+        cost_usd: float | None = None,
+    ) -> None:
+        """Record the outcome of a run."""
+        async with self._lock:
+            count, _ = await self._execute(
+                """
+                UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error = ?,
+                    usage = ?, cost_usd = ?
+                WHERE id = ?
+                """,
+                (
+                    status,
+                    self._clock(),
+                    exit_code,
+                    error,
+                    json.dumps(usage or {}),
+                    cost_usd,
+                    run_id,
+                ),
+            )
+        if not count:
+            raise StoreError(f"run {run_id} does not exist")
+
+    async def run_event(self, run_id: int, kind: str, data: str) -> None:
+        """Append an event to a run; events are numbered 1, 2, ... per run."""
+        try:
+            async with self._tx():
+                await self._execute(
+                    """
+                    INSERT INTO run_events (run_id, seq, kind, data, at)
+                    SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM run_events WHERE run_id = ?
+                    """,
+                    (run_id, kind, data, self._clock(), run_id),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"cannot record event for run {run_id}: {exc}") from exc
+
+    async def run_events(self, run_id: int) -> list[tuple[int, str, str]]:
+        """(seq, kind, data) of a run's events, in order."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT seq, kind, data FROM run_events WHERE run_id = ? ORDER BY seq",
+                (run_id,),
+            )
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def run_get(self, run_id: int) -> RunRow | None:
+        """One run by id."""
+        async with self._lock:
+            row = await self._fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return _run(row) if row is not None else None
+
+    async def runs_active(self) -> list[RunRow]:
+        """Pending and running runs, oldest first."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT * FROM runs WHERE status IN ('pending', 'running') ORDER BY id"
+            )
+        return [_run(r) for r in rows]
+
+    async def runs_recent(
+        self,
+        *,
+        project: str | None = None,
+        session: SessionKey | None = None,
+        limit: int = 10,
+    ) -> list[RunRow]:
+        """The latest runs, newest first, optionally of one project and/or one session."""
+        where: list[str] = []
+        params: list[Any] = []
+        if project is not None:
+            where.append("project = ?")
+            params.append(project)
+        if session is not None:
+            where.append("session_key = ?")
+            params.append(str(session))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._lock:
+            rows = await self._fetchall(
+                f"SELECT * FROM runs {clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+            )
+        return [_run(r) for r in rows]
+
+    async def runs_interrupt_stale(self) -> int:
+        """After a restart: pending/running runs become 'interrupted'; returns how many."""
+        async with self._lock:
+            count, _ = await self._execute(
+                """
+                UPDATE runs SET status = 'interrupted', finished_at = ?, error = ?
+                WHERE status IN ('pending', 'running')
+                """,
+                (self._clock(), _RESTARTED),
+            )
+        return count
+
+    # ---------------------------------------------------------------- jobs
+
+    async def job_create(
+        self,
+        project: str,
+        kind: str,
+        *,
+        session: SessionKey | None,
+        requested_by: str,
+        params: dict[str, Any] | None = None,
+    ) -> int:
+        """Record a new job in state 'pending'; returns its id."""
+        async with self._lock:
+            _, rowid = await self._execute(
+                """
+                INSERT INTO jobs (project, kind, status, session_key, requested_by, params,
+                    created_at)
+                VALUES (?, ?, 'pending', ?, ?, ?, ?)
+                """,
+                (
+                    project,
+                    kind,
+                    str(session) if session is not None else "",
+                    requested_by,
+                    json.dumps(params or {}),
+                    self._clock(),
+                ),
+            )
+        assert rowid is not None
+        return rowid
+
+    async def job_start(self, job_id: int) -> None:
+        """Mark a job 'running'."""
+        async with self._lock:
+            count, _ = await self._execute(
+                "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?",
+                (self._clock(), job_id),
+            )
+        if not count:
+            raise StoreError(f"job {job_id} does not exist")
+
+    async def job_step(self, job_id: int, name: str, status: str, detail: str = "") -> None:
+        """Append a step {name, status, at, detail} to the job's step list."""
+        async with self._tx():
+            row = await self._fetchone("SELECT steps FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                raise StoreError(f"job {job_id} does not exist")
+            steps = _json_list(row["steps"])
+            steps.append({"name": name, "status": status, "at": self._clock(), "detail": detail})
+            await self._execute(
+                "UPDATE jobs SET steps = ? WHERE id = ?", (json.dumps(steps), job_id)
+            )
+
+    async def job_finish(self, job_id: int, status: JobStatus, error: str = "") -> None:
+        """Record the outcome of a job."""
+        async with self._lock:
+            count, _ = await self._execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                (status, error, self._clock(), job_id),
+            )
+        if not count:
+            raise StoreError(f"job {job_id} does not exist")
+
+    async def job_get(self, job_id: int) -> JobRow | None:
+        """One job by id."""
+        async with self._lock:
+            row = await self._fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(row) if row is not None else None
+
+    async def jobs_active(self) -> list[JobRow]:
+        """Pending and running jobs, oldest first."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT * FROM jobs WHERE status IN ('pending', 'running') ORDER BY id"
+            )
+        return [_job(r) for r in rows]
+
+    async def jobs_interrupt_stale(self) -> list[JobRow]:
+        """After a restart: pending/running jobs become 'interrupted'.
+
+        Returns the rows as they were before, so the caller knows what was cut short.
+        """
+        async with self._tx():
+            rows = await self._fetchall(
+                "SELECT * FROM jobs WHERE status IN ('pending', 'running') ORDER BY id"
+            )
+            await self._execute(
+                """
+                UPDATE jobs SET status = 'interrupted', finished_at = ?, error = ?
+                WHERE status IN ('pending', 'running')
+                """,
+                (self._clock(), _RESTARTED),
+            )
+        return [_job(r) for r in rows]
+
+    # ---------------------------------------------------------------- audit
+
+    async def audit(
+        self,
+        actor: str,
+        action: str,
+        result: str,
+        *,
+        session: SessionKey | None = None,
+        target: str = "",
+        detail: str = "",
+    ) -> None:
+        """Append an entry to the audit log."""
+        async with self._lock:
+            await self._execute(
+                """
+                INSERT INTO audit (at, actor, session_key, action, target, result, detail)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    self._clock(),
+                    actor,
+                    str(session) if session is not None else "",
+                    action,
+                    target,
+                    result,
+                    detail,
+                ),
+            )
+
+    async def audit_recent(self, limit: int = 20) -> list[AuditRow]:
+        """The latest audit entries, newest first."""
+        async with self._lock:
+            rows = await self._fetchall("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        return [_audit(r) for r in rows]

@@ -1,0 +1,1 @@
+"""Chat platform transports: turn platform events into inbound messages and render replies."""

@@ -1,0 +1,1 @@
+"""In-memory twins and fake platform servers for tests."""

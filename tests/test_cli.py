@@ -1,0 +1,233 @@
+"""The real ``podbay`` command, run as a subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from podbay.config import config_reference, load_settings
+
+
+def podbay(
+    tmp_path: Path,
+    *args: str,
+    stdin: str = "",
+    config: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    full_env["HOME"] = str(tmp_path / "home")
+    full_env["PODBAY_DATA_DIR"] = str(tmp_path / "data")
+    if config is not None:
+        path = tmp_path / "config.toml"
+        path.write_text(config)
+        full_env["PODBAY_CONFIG"] = str(path)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "podbay", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def agent_config(tmp_path: Path, body: str, extra: str = "") -> str:
+    script = tmp_path / "agent.py"
+    script.write_text(body)
+    return (
+        f"[agent]\ncommand = [{sys.executable!r}, {str(script)!r}]\n"
+        "[dispatcher]\ncoalesce_window_ms = 200\n" + extra
+    ).replace("'", '"')
+
+
+def test_piped_help_and_status_print_both_and_exit_zero(tmp_path: Path) -> None:
+    result = podbay(tmp_path, "chat", stdin="help\nstatus\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "podbay — you are admin. Commands:" in out
+    assert "new project <name> [--stack S]" in out
+    assert "Projects: none yet" in out
+    assert out.index("Commands:") < out.index("Projects:")
+    assert "**" not in out and "`" not in out, "Markdown is rendered as plain text"
+
+
+def test_chat_is_the_default_command(tmp_path: Path) -> None:
+    result = podbay(tmp_path, stdin="whoami\n")
+    assert result.returncode == 0, result.stderr
+    assert "You are console:" in result.stdout and "(admin)" in result.stdout
+
+
+def test_freeform_line_reaches_the_host_agent_and_its_output_is_printed(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "import sys\nprint('agent got: ' + sys.stdin.read().upper())\n")
+    result = podbay(tmp_path, "chat", stdin="hello there\n", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "agent got: HELLO THERE" in result.stdout
+
+
+def test_end_of_input_waits_for_running_and_queued_work(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    config = agent_config(
+        tmp_path,
+        "import sys, time\n"
+        "prompt = sys.stdin.read()\n"
+        f"open({str(started)!r}, 'a').close()\n"
+        "time.sleep(1.0)\n"
+        "print('done with: ' + prompt.replace(chr(10), ' | '))\n",
+    )
+    # "second" and "third" arrive while the first run is busy, then input ends at once.
+    feed = tmp_path / "feed.sh"
+    feed.write_text(
+        "printf 'first\\n'\n"
+        f"while [ ! -e {started} ]; do sleep 0.05; done\n"
+        "printf 'second\\nthird\\n'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "PODBAY_DATA_DIR": str(tmp_path / "data"),
+        "PODBAY_CONFIG": str(tmp_path / "config.toml"),
+    }
+    (tmp_path / "config.toml").write_text(config)
+    piped = subprocess.run(
+        f"bash {feed} | {sys.executable} -m podbay chat",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert piped.returncode == 0, piped.stderr
+    out = piped.stdout
+    assert "done with: first" in out
+    assert "done with: second |  | third" in out
+    assert out.index("done with: first") < out.index("done with: second")
+
+
+def test_failing_agent_is_reported_with_its_stderr(tmp_path: Path) -> None:
+    config = agent_config(
+        tmp_path, "import sys\nprint('model quota exceeded', file=sys.stderr)\nsys.exit(7)\n"
+    )
+    result = podbay(tmp_path, "chat", stdin="do it\n", config=config)
+    assert result.returncode == 0
+    assert "Agent run failed (exit 7)" in result.stdout
+    assert "model quota exceeded" in result.stdout
+
+
+def test_no_agent_configured_says_how_to_configure_one(tmp_path: Path) -> None:
+    result = podbay(tmp_path, "chat", stdin="write a haiku\n")
+    assert result.returncode == 0
+    assert "No agent is configured" in result.stdout and "[agent]" in result.stdout
+
+
+def test_status_subcommand_prints_the_chat_status_report(tmp_path: Path) -> None:
+    podbay(tmp_path, "chat", stdin="status\n")
+    chat = podbay(tmp_path, "chat", stdin="status\n").stdout.strip()
+    cli = podbay(tmp_path, "status")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == chat
+
+
+def test_invalid_config_fails_at_start_naming_key_value_and_form(tmp_path: Path) -> None:
+    result = podbay(
+        tmp_path, "chat", stdin="help\n", config='[dispatcher]\ncoalesce_window_ms = "soon"\n'
+    )
+    assert result.returncode == 2
+    assert "dispatcher.coalesce_window_ms = 'soon'" in result.stderr
+    assert "valid integer" in result.stderr
+    result = podbay(tmp_path, "chat", config="[dispatcher]\ncoalese_window_ms = 5\n")
+    assert "unknown key dispatcher.coalese_window_ms" in result.stderr
+    assert "did you mean 'coalesce_window_ms'" in result.stderr
+
+
+def test_environment_overrides_the_file_and_is_validated_too(tmp_path: Path) -> None:
+    result = podbay(
+        tmp_path,
+        "chat",
+        stdin="help\n",
+        env={"PODBAY_ACCESS__ADMINS": '["nobody-here"]'},
+    )
+    assert result.returncode == 2
+    assert "access.admins" in result.stderr and "<transport>:<user id>" in result.stderr
+
+
+def test_init_writes_every_key_with_its_default_and_loads_back(tmp_path: Path) -> None:
+    target = tmp_path / "podbay.toml"
+    result = podbay(tmp_path, "init", "--config", str(target))
+    assert result.returncode == 0, result.stderr
+    text = target.read_text()
+    data = tomllib.loads(text)
+    for key, default, _ in config_reference():
+        if key == "data_dir":
+            assert "# data_dir =" in text
+            continue
+        node: object = data
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, key
+            node = node[part]
+        assert node == default, key
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    settings, read = load_settings(target)
+    assert read == target and settings.dispatcher.coalesce_window_ms == 1500
+    again = podbay(tmp_path, "init", "--config", str(target))
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_doctor_reports_each_problem_with_its_fix(tmp_path: Path) -> None:
+    result = podbay(
+        tmp_path,
+        "doctor",
+        config='[agent]\ncommand = ["definitely-not-an-agent-binary"]\n',
+        env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"},
+    )
+    assert result.returncode == 1
+    out = result.stdout
+    assert "problem: Docker engine not reachable" in out and "fix: start dockerd" in out
+    assert "problem: agent command 'definitely-not-an-agent-binary' is not on PATH" in out
+    assert "ok: data dir" in out
+
+
+def test_doctor_fails_on_a_bad_config(tmp_path: Path) -> None:
+    result = podbay(tmp_path, "doctor", config="[bot]\nname = 'two words'\n")
+    assert result.returncode == 2
+    assert "bot.name" in result.stderr
+
+
+def test_readme_documents_every_config_key(project_root: Path) -> None:
+    readme = (project_root / "README.md").read_text()
+    missing = [key for key, _, _ in config_reference() if f"`{key}`" not in readme]
+    assert missing == []
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_run_stops_cleanly_on_signals(tmp_path: Path, signal_name: str) -> None:
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    env |= {"HOME": str(tmp_path / "home"), "PODBAY_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podbay", "run"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("whoami\n")
+    proc.stdin.flush()
+    time.sleep(1.5)
+    proc.send_signal(getattr(signal, signal_name))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "You are console:" in out

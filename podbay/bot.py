@@ -39,13 +39,15 @@ class Podbay:
         transports: Sequence[Transport] = (),
         agent: Agent | None = None,
         provisioner: Provisioner | None = None,
-        shutdown_grace_s: float = 10.0,
+        shutdown_grace_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.transports = list(transports)
         self._agent = agent
         self._provisioner = provisioner
-        self._grace = shutdown_grace_s
+        self.shutdown_grace_s = (
+            settings.dispatcher.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
+        )
         self._lock_file: IO[str] | None = None
         self.store: Store | None = None
         self.engine: Engine | None = None
@@ -93,7 +95,7 @@ class Podbay:
         """Stop transports, finish or cancel work, and close the store. Idempotent."""
         # The dispatcher goes first: its last replies still need the transports.
         if self.dispatcher is not None:
-            await self.dispatcher.shutdown(self._grace)
+            await self.dispatcher.shutdown(self.shutdown_grace_s)
             self.dispatcher = None
         for transport in reversed(self._started):
             try:

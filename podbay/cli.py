@@ -156,6 +156,8 @@ async def _chat(settings: Settings) -> int:
             if not drain.done():
                 drain.cancel()
                 await asyncio.gather(drain, return_exceptions=True)
+        if stop.is_set():
+            bot.shutdown_grace_s = 0  # Ctrl-C means now: cancel runs instead of waiting
     return 0
 
 

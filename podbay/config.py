@@ -89,6 +89,9 @@ class DispatcherConfig(_Section):
     confirm_timeout_s: int = Field(
         120, ge=1, description="How long a destructive command waits for `confirm`."
     )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On shutdown, runs get this long to finish before being cancelled."
+    )
 
     @model_validator(mode="after")
     def _window_order(self) -> DispatcherConfig:

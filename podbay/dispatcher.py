@@ -23,12 +23,12 @@ from pathlib import Path
 
 from podbay.commands.confirm import Proposals
 from podbay.commands.context import CommandContext
-from podbay.commands.registry import Freeform, Registry
+from podbay.commands.registry import Freeform, Invocation, Registry
 from podbay.commands.roles import Role, role_for
 from podbay.config import Settings
 from podbay.engine.agents import AgentRun, FinishedEvent, RunRequest, TextEvent
 from podbay.engine.core import Engine
-from podbay.engine.store import InboxRow
+from podbay.engine.store import InboxRow, InboxStatus
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.transports.base import Transport
@@ -234,13 +234,20 @@ class Dispatcher:
             self._maybe_evict(state)
 
     async def _handle(self, state: _Session, inbox_id: int, inbound: Inbound) -> None:
-        role = role_for(inbound.sender.identity, self.settings.access)
+        identity = inbound.sender.identity
+        role = role_for(identity, self.settings.access)
         if role is None:
             await self.store.inbox_mark([inbox_id], "done", kind="denied")
+            await self.store.audit(
+                identity, "message", "denied: unknown sender", session=inbound.session
+            )
             await self._deny(inbound)
             return
         await self.store.inbox_mark([inbox_id], "processing")
         kind = ""
+        invocation: Invocation | None = None
+        outcome, note = "ok", ""
+        status: InboxStatus = "done"
         try:
             if self.registry.has_secret(inbound.text) and not inbound.is_direct:
                 kind = "control"
@@ -260,6 +267,7 @@ class Dispatcher:
                     )
                 await self._accept_freeform(state, inbox_id, inbound, parsed.text)
                 return
+            invocation = parsed
             spec = parsed.spec
             kind = spec.kind
             if role < spec.role:
@@ -278,14 +286,23 @@ class Dispatcher:
             )
             await spec.handler(ctx, parsed)
         except UserError as exc:
+            outcome = f"refused: {exc}"
             await self.send(inbound.session, Reply(str(exc), "error"))
         except Exception as exc:
             ref = secrets.token_hex(4)
+            outcome, status, note = f"error (ref {ref})", "failed", f"ref {ref}: {exc}"
             log.exception("handling inbox %s failed [ref %s]", inbox_id, ref)
-            await self.store.inbox_mark([inbox_id], "failed", kind=kind, note=f"ref {ref}: {exc}")
             await self.send(inbound.session, Reply(f"Something went wrong (ref `{ref}`).", "error"))
-            return
-        await self.store.inbox_mark([inbox_id], "done", kind=kind)
+        await self.store.inbox_mark([inbox_id], status, kind=kind, note=note)
+        if invocation is not None:
+            await self.store.audit(
+                identity,
+                invocation.spec.name,
+                outcome[:300],
+                session=inbound.session,
+                target=next(iter(invocation.args.values()), ""),
+                detail=self.registry.redact(inbound.text)[:500],
+            )
 
     async def _deny(self, inbound: Inbound) -> None:
         self.stats["denied"] += 1

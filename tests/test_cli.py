@@ -231,3 +231,51 @@ def test_run_stops_cleanly_on_signals(tmp_path: Path, signal_name: str) -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "You are console:" in out
+
+
+def test_sigterm_during_a_run_cancels_it_records_it_and_kills_the_agent(tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+    import time
+
+    pidfile = tmp_path / "agent.pid"
+    config = agent_config(
+        tmp_path,
+        "import os, sys, time\n"
+        "sys.stdin.read()\n"
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n",
+        extra="shutdown_grace_s = 0.5\n",
+    )
+    (tmp_path / "config.toml").write_text(config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "PODBAY_DATA_DIR": str(tmp_path / "data"),
+        "PODBAY_CONFIG": str(tmp_path / "config.toml"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podbay", "run"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("work for a long time\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "agent never started"
+        time.sleep(0.05)
+    agent_pid = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert not Path(f"/proc/{agent_pid}").exists() or (
+        Path(f"/proc/{agent_pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    )
+    with sqlite3.connect(tmp_path / "data" / "podbay.db") as db:
+        rows = db.execute("SELECT prompt, status FROM runs").fetchall()
+    assert rows == [("work for a long time", "cancelled")]

@@ -373,3 +373,20 @@ async def test_proposal_expires(harness: Harness) -> None:
     await harness.transport.say("confirm")
     await harness.transport.wait_for_text("Nothing to confirm")
     assert "wiped disk" not in harness.transport.texts()
+
+
+async def test_commands_and_refusals_are_audited_without_secrets(harness: Harness) -> None:
+    await harness.transport.say("status")
+    await harness.transport.say("delete demo", user="bob")
+    await harness.transport.say("hello", user="mallory")
+    await harness.transport.say("new project demo --token s3cr3t-value", direct=True)
+    await harness.dispatcher.drain()
+    entries = await harness.store.audit_recent()
+    summary = [(e.actor, e.action, e.result.split(":")[0]) for e in reversed(entries)]
+    assert summary == [
+        ("memory:alice", "status", "ok"),
+        ("memory:bob", "delete", "refused"),
+        ("memory:mallory", "message", "denied"),
+        ("memory:alice", "new project", "refused"),
+    ]
+    assert all("s3cr3t-value" not in e.detail + e.result for e in entries)

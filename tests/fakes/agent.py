@@ -46,6 +46,8 @@ class FakeRun:
                 yield FinishedEvent(ok=True, exit_code=0)
         finally:
             agent.active[session] -= 1
+            if not agent.active[session]:
+                del agent.active[session]
             agent.global_active -= 1
             self.done = True
 
@@ -74,6 +76,12 @@ class FakeAgent:
 
     async def next_started(self, timeout: float = 10.0) -> FakeRun:
         return await asyncio.wait_for(self.started.get(), timeout)
+
+    def forget(self) -> None:
+        """Drop the record of finished runs (benchmarks measure what podbay retains)."""
+        self.runs.clear()
+        while not self.started.empty():
+            self.started.get_nowait()
 
     def prompts(self) -> list[str]:
         return [r.request.prompt for r in self.runs]

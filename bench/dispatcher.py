@@ -1,0 +1,157 @@
+"""Dispatcher benchmark: throughput, control-command latency under load, retained memory.
+
+Run: .venv/bin/python bench/dispatcher.py   (writes bench/results/dispatcher.json)
+Uses a real SQLite store in a temp dir and the in-memory transport/agent twins from tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fakes.agent import FakeAgent  # noqa: E402
+from fakes.transport import MemoryTransport  # noqa: E402
+
+from podbay.commands.catalog import build_registry  # noqa: E402
+from podbay.config import Settings  # noqa: E402
+from podbay.dispatcher import Dispatcher  # noqa: E402
+from podbay.engine.core import Engine  # noqa: E402
+from podbay.engine.store import Store  # noqa: E402
+from podbay.messages import SessionKey  # noqa: E402
+
+
+async def _setup(
+    tmp: Path, window_ms: int, agent: FakeAgent
+) -> tuple[Store, Dispatcher, MemoryTransport]:
+    settings = Settings(
+        data_dir=tmp,
+        access={"admins": ["memory:*"]},
+        dispatcher={"coalesce_window_ms": window_ms, "max_window_ms": max(window_ms, 1000)},
+    )
+    store = await Store.open(tmp / f"bench-{time.monotonic_ns()}.db")
+    dispatcher = Dispatcher(Engine(store, settings, agent=agent), build_registry(), settings)
+    transport = MemoryTransport(typing=False)
+    dispatcher.attach(transport)
+    await transport.start(dispatcher.submit)
+    return store, dispatcher, transport
+
+
+async def throughput(tmp: Path, sessions: int = 200, per_session: int = 10) -> dict[str, float]:
+    agent = FakeAgent(auto_release=0.0)
+    store, dispatcher, transport = await _setup(tmp, 0, agent)
+    started = time.perf_counter()
+
+    async def writer(s: int) -> None:
+        key = SessionKey("memory", f"room-{s}")
+        for m in range(per_session):
+            await transport.say(f"s{s} m{m}", session=key)
+
+    await asyncio.gather(*(writer(s) for s in range(sessions)))
+    await dispatcher.drain()
+    elapsed = time.perf_counter() - started
+    total = sessions * per_session
+    await dispatcher.shutdown()
+    await store.close()
+    return {
+        "messages": total,
+        "seconds": round(elapsed, 3),
+        "messages_per_s": round(total / elapsed, 1),
+        "agent_runs": len(agent.runs),
+    }
+
+
+async def control_latency(tmp: Path, samples: int = 200) -> dict[str, float]:
+    agent = FakeAgent()  # runs block until released: the dispatcher is busy throughout
+    store, dispatcher, transport = await _setup(tmp, 0, agent)
+    for s in range(4):
+        await transport.say("long task", session=SessionKey("memory", f"busy-{s}"))
+    for _ in range(4):
+        await agent.next_started()
+    room = SessionKey("memory", "ops")
+    latencies: list[float] = []
+    for i in range(samples):
+        before = len(transport.sent)
+        started = time.perf_counter()
+        await transport.say("whoami", session=room, platform_id=f"lat-{i}")
+        await transport.wait_for(lambda b=before: len(transport.sent) > b)  # type: ignore[misc]
+        latencies.append((time.perf_counter() - started) * 1000)
+    for run in agent.runs:
+        run.release.set()
+    await dispatcher.shutdown()
+    await store.close()
+    latencies.sort()
+    return {
+        "samples": samples,
+        "median_ms": round(statistics.median(latencies), 2),
+        "p95_ms": round(latencies[int(samples * 0.95) - 1], 2),
+    }
+
+
+async def retained_memory(tmp: Path, sessions: int = 2000) -> dict[str, float]:
+    agent = FakeAgent(auto_release=0.0)
+    store, dispatcher, transport = await _setup(tmp, 0, agent)
+    # Warm up code paths, then measure what a wave of new sessions leaves behind.
+    await transport.say("warm up", session=SessionKey("memory", "warm"))
+    await dispatcher.drain()
+    agent.forget()
+    gc.collect()
+    tracemalloc.start()
+    baseline = tracemalloc.take_snapshot()
+    for s in range(sessions):
+        await transport.say("hello", session=SessionKey("memory", f"wave-{s}"))
+    await dispatcher.drain()
+    agent.forget()
+    transport.sent.clear()
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    diff = after.compare_to(baseline, "lineno")
+    retained = sum(stat.size_diff for stat in diff)
+    top = [f"{s.traceback[0].filename}:{s.traceback[0].lineno} {s.size_diff}" for s in diff[:5]]
+    live = dispatcher.live_sessions
+    await dispatcher.shutdown()
+    await store.close()
+    return {
+        "sessions": sessions,
+        "live_sessions_after_drain": live,
+        "retained_bytes": retained,
+        "retained_bytes_per_session": round(retained / sessions, 1),
+        "top_retainers": top,
+    }
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as raw:
+        tmp = Path(raw)
+        results = {
+            "benchmark": "dispatcher",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+            },
+            "throughput": await throughput(tmp),
+            "control_latency_under_load": await control_latency(tmp),
+            "retained_memory": await retained_memory(tmp),
+        }
+    out = ROOT / "bench" / "results" / "dispatcher.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

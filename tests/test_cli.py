@@ -13,6 +13,30 @@ import pytest
 from podbay.config import config_reference, load_settings
 
 
+def clean_env(tmp_path: Path, config: str | None = None) -> dict[str, str]:
+    """The user's environment minus PODBAY_*, with a private HOME and data dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    env["HOME"] = str(tmp_path / "home")
+    env["PODBAY_DATA_DIR"] = str(tmp_path / "data")
+    if config is not None:
+        path = tmp_path / "config.toml"
+        path.write_text(config)
+        env["PODBAY_CONFIG"] = str(path)
+    return env
+
+
+def start_run(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`podbay run` in the background with piped stdio."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "podbay", "run"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
 def podbay(
     tmp_path: Path,
     *args: str,
@@ -21,13 +45,7 @@ def podbay(
     env: dict[str, str] | None = None,
     timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
-    full_env["HOME"] = str(tmp_path / "home")
-    full_env["PODBAY_DATA_DIR"] = str(tmp_path / "data")
-    if config is not None:
-        path = tmp_path / "config.toml"
-        path.write_text(config)
-        full_env["PODBAY_CONFIG"] = str(path)
+    full_env = clean_env(tmp_path, config)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "podbay", *args],
@@ -90,13 +108,7 @@ def test_end_of_input_waits_for_running_and_queued_work(tmp_path: Path) -> None:
         f"while [ ! -e {started} ]; do sleep 0.05; done\n"
         "printf 'second\\nthird\\n'\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
-    env |= {
-        "HOME": str(tmp_path / "home"),
-        "PODBAY_DATA_DIR": str(tmp_path / "data"),
-        "PODBAY_CONFIG": str(tmp_path / "config.toml"),
-    }
-    (tmp_path / "config.toml").write_text(config)
+    env = clean_env(tmp_path, config)
     piped = subprocess.run(
         f"bash {feed} | {sys.executable} -m podbay chat",
         shell=True,
@@ -213,16 +225,7 @@ def test_run_stops_cleanly_on_signals(tmp_path: Path, signal_name: str) -> None:
     import signal
     import time
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
-    env |= {"HOME": str(tmp_path / "home"), "PODBAY_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podbay", "run"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_run(tmp_path, clean_env(tmp_path))
     assert proc.stdin is not None
     proc.stdin.write("whoami\n")
     proc.stdin.flush()
@@ -247,21 +250,7 @@ def test_sigterm_during_a_run_cancels_it_records_it_and_kills_the_agent(tmp_path
         "time.sleep(60)\n",
         extra="shutdown_grace_s = 0.5\n",
     )
-    (tmp_path / "config.toml").write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
-    env |= {
-        "HOME": str(tmp_path / "home"),
-        "PODBAY_DATA_DIR": str(tmp_path / "data"),
-        "PODBAY_CONFIG": str(tmp_path / "config.toml"),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podbay", "run"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_run(tmp_path, clean_env(tmp_path, config))
     assert proc.stdin is not None
     proc.stdin.write("work for a long time\n")
     proc.stdin.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from podbay.commands.confirm import Proposal
 from podbay.commands.context import CommandContext
 from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry
 from podbay.commands.roles import Role
@@ -89,25 +90,24 @@ async def cmd_stop(ctx: CommandContext, inv: Invocation) -> None:
     await ctx.reply(await ctx.control.stop_session(ctx.session))
 
 
-async def cmd_confirm(ctx: CommandContext, inv: Invocation) -> None:
+def _own_proposal(ctx: CommandContext, verb: str) -> Proposal:
     proposal = ctx.proposals.take(ctx.session, ctx.sender.identity)
-    if proposal is None:
-        others = ctx.proposals.others(ctx.session, ctx.sender.identity)
-        if others:
-            raise UserError(
-                f"Only {others[0].requester} can confirm their request ({others[0].summary})."
-            )
-        raise UserError("Nothing to confirm (requests expire after a while).")
-    await proposal.action()
+    if proposal is not None:
+        return proposal
+    others = ctx.proposals.others(ctx.session, ctx.sender.identity)
+    if others:
+        raise UserError(
+            f"Only {others[0].requester} can {verb} their request ({others[0].summary})."
+        )
+    raise UserError(f"Nothing to {verb} (requests expire after {int(ctx.proposals.timeout_s)} s).")
+
+
+async def cmd_confirm(ctx: CommandContext, inv: Invocation) -> None:
+    await _own_proposal(ctx, "confirm").action()
 
 
 async def cmd_cancel(ctx: CommandContext, inv: Invocation) -> None:
-    proposal = ctx.proposals.take(ctx.session, ctx.sender.identity)
-    if proposal is None:
-        others = ctx.proposals.others(ctx.session, ctx.sender.identity)
-        if others:
-            raise UserError(f"Only {others[0].requester} can cancel their request.")
-        raise UserError("Nothing to cancel.")
+    proposal = _own_proposal(ctx, "cancel")
     await ctx.reply(f"Cancelled: {proposal.summary}")
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -15,9 +16,12 @@ from podbay.commands.catalog import build_registry
 from podbay.config import Settings
 from podbay.dispatcher import Dispatcher
 from podbay.engine.agents import Agent
-from podbay.engine.core import Engine, Provisioner
+from podbay.engine.core import Engine
+from podbay.engine.docker import DockerProvisioner
+from podbay.engine.reconcile import Reconciler
 from podbay.engine.store import Store
-from podbay.errors import ConfigError
+from podbay.errors import ConfigError, EngineError
+from podbay.messages import Reply, SessionKey
 from podbay.transports.base import Transport
 
 log = logging.getLogger(__name__)
@@ -38,13 +42,14 @@ class Podbay:
         *,
         transports: Sequence[Transport] = (),
         agent: Agent | None = None,
-        provisioner: Provisioner | None = None,
+        docker: bool = True,
         shutdown_grace_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.transports = list(transports)
         self._agent = agent
-        self._provisioner = provisioner
+        self._provisioner = DockerProvisioner() if docker else None
+        self._background: list[asyncio.Task[None]] = []
         self.shutdown_grace_s = (
             settings.dispatcher.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
         )
@@ -83,6 +88,9 @@ class Podbay:
             self.dispatcher = Dispatcher(self.engine, registry, self.settings)
             for transport in self.transports:
                 self.dispatcher.attach(transport)
+            if self.engine.projects is not None:
+                self.engine.projects.cancel_runs = self.dispatcher.cancel_project_runs
+                await self._start_background(self.engine, self.dispatcher)
             await self.dispatcher.recover()
             for transport in self.transports:
                 await transport.start(self.dispatcher.submit)
@@ -91,8 +99,51 @@ class Podbay:
             await self.stop()
             raise
 
+    async def _start_background(self, engine: Engine, dispatcher: Dispatcher) -> None:
+        manager = engine.projects
+        assert manager is not None
+
+        async def notify(session: SessionKey, text: str) -> None:
+            await dispatcher.send(session, Reply(text, "error"))
+
+        reconciler = Reconciler(manager, notify, lambda p: engine.jobs.busy(p) is not None)
+        docker_cfg = self.settings.docker
+
+        async def attempt(what: str, step: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await step()
+            except EngineError as exc:
+                log.warning("%s skipped: %s", what, exc)
+            except Exception:
+                log.exception("%s failed", what)
+
+        async def every(interval: float, what: str, step: Callable[[], Awaitable[object]]) -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await attempt(what, step)
+
+        # The first pass completes before any message is handled: a project half-created
+        # before a crash is rolled back before anyone can use its name or port again.
+        await attempt("reconcile", reconciler.run_once)
+        await attempt("stats sampling", manager.sample_stats)
+
+        self._background = [
+            asyncio.create_task(
+                every(docker_cfg.reconcile_interval_s, "reconcile", reconciler.run_once),
+                name="reconcile",
+            ),
+            asyncio.create_task(
+                every(docker_cfg.stats_interval_s, "stats sampling", manager.sample_stats),
+                name="stats",
+            ),
+        ]
+
     async def stop(self) -> None:
         """Stop transports, finish or cancel work, and close the store. Idempotent."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
         # The dispatcher goes first: its last replies still need the transports.
         if self.dispatcher is not None:
             await self.dispatcher.shutdown(self.shutdown_grace_s)
@@ -103,6 +154,8 @@ class Podbay:
             except Exception:
                 log.exception("stopping transport %s failed", transport.name)
         self._started.clear()
+        if self._provisioner is not None:
+            await self._provisioner.close()
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from podbay import __version__
@@ -19,8 +19,11 @@ from podbay.bot import Podbay, database_path
 from podbay.commands.status import render_status
 from podbay.config import DEFAULT_CONFIG_PATH, Settings, default_config_toml, load_settings
 from podbay.engine.core import Engine
+from podbay.engine.docker import DockerProvisioner
+from podbay.engine.lifecycle import ProjectManager
+from podbay.engine.ssh import ssh_config_block
 from podbay.engine.store import Store
-from podbay.errors import ConfigError, PodbayError
+from podbay.errors import ConfigError, PodbayError, UserError
 from podbay.transports.base import Transport
 from podbay.transports.console import ConsoleTransport
 from podbay.transports.render import markdown_to_plain
@@ -61,12 +64,29 @@ def _parser() -> argparse.ArgumentParser:
         "init": "write a commented config file",
         "doctor": "check config, data dir, Docker and agent",
         "status": "print the status report",
+        "images": "prebuild images: images build [--stack S | --all]",
+        "trash": "list, restore or empty purged project sources",
+        "ssh-config": "print an ~/.ssh/config block for every project",
     }
     for name, help_text in subcommands.items():
         child = sub.add_parser(name, help=help_text)
         _add_common(child)
         if name == "init":
             child.add_argument("--force", action="store_true", help="overwrite an existing file")
+        elif name == "images":
+            child.add_argument("action", choices=["build"])
+            group = child.add_mutually_exclusive_group()
+            group.add_argument("--stack", help="build the base image and this stack's image")
+            group.add_argument("--all", action="store_true", help="build every stack's image")
+        elif name == "trash":
+            child.add_argument("action", nargs="?", choices=["list", "restore", "empty"])
+            child.add_argument("entry", nargs="?", help="the entry to restore")
+        elif name == "ssh-config":
+            child.add_argument(
+                "--write",
+                action="store_true",
+                help="write <data dir>/ssh_config for `Include` in ~/.ssh/config",
+            )
     return parser
 
 
@@ -112,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_doctor(settings))
         if command == "status":
             return asyncio.run(_status(settings))
+        if command == "images":
+            return asyncio.run(_images(settings, args.stack, build_all=args.all))
+        if command == "trash":
+            return asyncio.run(_trash(settings, args.action or "list", args.entry))
+        if command == "ssh-config":
+            return asyncio.run(_ssh_config(settings, write=args.write))
     except PodbayError as exc:
         print(f"podbay: {exc}", file=sys.stderr)
         return 1
@@ -197,10 +223,86 @@ async def _status(settings: Settings) -> int:
     if not path.exists():
         print(f"No podbay data in {settings.data_dir} yet. Start with `podbay chat`.")
         return 0
-    async with await Store.open(path) as store:
-        engine = Engine(store, settings)
-        print(markdown_to_plain(render_status(await engine.status())))
+    provisioner = DockerProvisioner()
+    try:
+        async with await Store.open(path) as store:
+            engine = Engine(store, settings, provisioner=provisioner)
+            print(markdown_to_plain(render_status(await engine.status())))
+    finally:
+        await provisioner.close()
     return 0
+
+
+async def _with_manager(settings: Settings, use: Callable[[ProjectManager], Awaitable[int]]) -> int:
+    """Run ``use`` with a project manager over the store and the Docker engine."""
+    provisioner = DockerProvisioner()
+    try:
+        async with await Store.open(database_path(settings)) as store:
+            return await use(ProjectManager(store, settings, provisioner))
+    finally:
+        await provisioner.close()
+
+
+async def _images(settings: Settings, stack: str | None, *, build_all: bool) -> int:
+    async def use(manager: ProjectManager) -> int:
+        stacks = list(manager.stacks())
+        targets: list[str | None] = [None]
+        if build_all:
+            targets = list(stacks)
+        elif stack is not None:
+            if stack not in stacks:
+                raise UserError(f"unknown stack {stack!r}; choose one of {', '.join(stacks)}")
+            targets = [stack]
+
+        async def say(text: str) -> None:
+            print(text, flush=True)
+
+        for target in targets:
+            tag = await manager.ensure_image(target, say)
+            print(f"ready: {tag}")
+        return 0
+
+    return await _with_manager(settings, use)
+
+
+async def _trash(settings: Settings, action: str, entry: str | None) -> int:
+    async def use(manager: ProjectManager) -> int:
+        if action == "restore":
+            if not entry:
+                raise UserError("usage: podbay trash restore <entry> (see `podbay trash`)")
+            print(f"restored to {await asyncio.to_thread(manager.trash_restore, entry)}")
+        elif action == "empty":
+            print(f"removed {await asyncio.to_thread(manager.trash_empty)} trash entries")
+        else:
+            entries = manager.trash_entries()
+            for name, original in entries:
+                print(f"{name}\t(was {original})")
+            if not entries:
+                print("The trash is empty.")
+        return 0
+
+    return await _with_manager(settings, use)
+
+
+async def _ssh_config(settings: Settings, *, write: bool) -> int:
+    async def use(manager: ProjectManager) -> int:
+        blocks = [
+            ssh_config_block(p.name, p.ssh_port, manager.key_path(p.name))
+            for p in await manager.store.project_list()
+            if p.ssh_port is not None and p.state == "ready"
+        ]
+        text = "\n\n".join(blocks) + ("\n" if blocks else "")
+        if not write:
+            print(text or "# no projects yet", end="" if text else "\n")
+            return 0
+        target = settings.data_dir / "ssh_config"
+        target.write_text(text)
+        target.chmod(0o600)
+        # ~/.ssh/config itself is never edited: the user adds the Include line.
+        print(f"wrote {target}\nadd this line at the top of ~/.ssh/config:  Include {target}")
+        return 0
+
+    return await _with_manager(settings, use)
 
 
 async def _doctor(settings: Settings) -> int:

@@ -122,6 +122,75 @@ class HttpConfig(_Section):
     port: int = Field(8765, ge=1, le=65535, description="Port of the webhook server.")
 
 
+class ProjectsConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    root: Path = Field(
+        Path("~/podbay-projects"), description="Default parent directory of project sources."
+    )
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories `--path` may point into; empty means just `root`.",
+    )
+    ssh_port_range: tuple[int, int] = Field(
+        (2200, 2299), description="Ports (inclusive) handed to project sshds on 127.0.0.1."
+    )
+
+    @field_validator("root", "allowed_roots")
+    @classmethod
+    def _expand_paths(cls, value: Path | list[Path]) -> Path | list[Path]:
+        if isinstance(value, list):
+            return [p.expanduser() for p in value]
+        return value.expanduser()
+
+    @field_validator("ssh_port_range")
+    @classmethod
+    def _port_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not (1024 <= low <= high <= 65535):
+            raise ValueError("expected [low, high] with 1024 <= low <= high <= 65535")
+        return value
+
+    def roots(self) -> list[Path]:
+        return self.allowed_roots or [self.root]
+
+
+class DockerConfig(_Section):
+    network: Literal["bridge", "host"] = Field(
+        "bridge",
+        description='"bridge": network `podbay`, SSH published on 127.0.0.1 only; '
+        '"host": sshd listens on 127.0.0.1 in the host network.',
+    )
+    base_image: str = Field("debian:bookworm-slim", description="FROM image of podbay-base.")
+    stacks_dirs: list[Path] = Field(
+        default_factory=list, description="Extra folders of stacks/<name>/ overlays."
+    )
+    name_prefix: str = Field("podbay-", description="Prefix of container and volume names.")
+    cpus: float = Field(2.0, gt=0, description="Default CPU limit per project.")
+    memory: str = Field("4g", description="Default memory limit per project.")
+    pids_limit: int = Field(1024, ge=16, description="Process limit per project container.")
+    ready_timeout_s: float = Field(60.0, gt=0, description="How long to wait for sshd.")
+    reconcile_interval_s: float = Field(
+        60.0, gt=0, description="How often containers are compared with the registry."
+    )
+    stats_interval_s: float = Field(
+        30.0, gt=0, description="How often CPU and memory of containers are sampled."
+    )
+
+
+class SshConfig(_Section):
+    authorized_keys: list[str] = Field(
+        default_factory=list,
+        description="Public keys (one line each) installed in every project besides its own.",
+    )
+
+
+class GitConfig(_Section):
+    user_name: str = Field("", description="Git author name in containers (else host git).")
+    user_email: str = Field("", description="Git author email in containers (else host git).")
+    clone_timeout_s: float = Field(300.0, gt=0, description="`--git` clones give up after this.")
+
+
 class ConsoleTransportConfig(_Section):
     enabled: bool = Field(False, description="Serve the local console in `podbay run`.")
 
@@ -148,6 +217,10 @@ class Settings(BaseSettings):
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    projects: ProjectsConfig = Field(default_factory=ProjectsConfig)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
+    ssh: SshConfig = Field(default_factory=SshConfig)
+    git: GitConfig = Field(default_factory=GitConfig)
     transports: TransportsConfig = Field(default_factory=TransportsConfig)
 
     @classmethod
@@ -242,7 +315,7 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, Path):
         return _toml_value(str(value))
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'

@@ -48,6 +48,7 @@ class ActiveRun:
     run_id: int
     messages: int
     started: float
+    project: str = ""
 
 
 @dataclass
@@ -176,6 +177,20 @@ class Dispatcher:
             log.exception("sending a reply to %s failed", session)
             return None
 
+    def _can_edit(self, session: SessionKey) -> bool:
+        transport = self._transports.get(session.transport)
+        return transport is not None and transport.capabilities.edits
+
+    async def edit(self, ref: MessageRef, reply: Reply) -> MessageRef | None:
+        transport = self._transports.get(ref.session.transport)
+        if transport is None:
+            return None
+        try:
+            return await transport.edit(ref, reply)
+        except Exception:
+            log.exception("editing a message in %s failed", ref.session)
+            return None
+
     async def _typing(self, state: _Session, active: bool) -> None:
         transport = self._transports.get(state.key.transport)
         if transport is None or not transport.capabilities.typing or state.typing == active:
@@ -283,6 +298,7 @@ class Dispatcher:
                 proposals=self.proposals,
                 control=self,
                 send=self.send,
+                edit=self.edit if self._can_edit(inbound.session) else None,
             )
             await spec.handler(ctx, parsed)
         except UserError as exc:
@@ -406,7 +422,9 @@ class Dispatcher:
         )
         await self.store.inbox_attach_run(ids, run_id)
         self.stats["runs"] += 1
-        state.running = ActiveRun(run_id, len(batch), self._clock())
+        state.running = ActiveRun(
+            run_id, len(batch), self._clock(), project.name if project else ""
+        )
         run: AgentRun | None = None
         finished: FinishedEvent | None = None
         try:
@@ -504,6 +522,13 @@ class Dispatcher:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         return f"Stopped. Dropped {len(dropped)} queued message(s)."
+
+    async def cancel_project_runs(self, project: str) -> int:
+        """Stop every conversation's run on ``project`` (before it is deleted)."""
+        keys = [k for k, s in self._sessions.items() if s.running and s.running.project == project]
+        for key in keys:
+            await self.send(key, Reply(await self.stop_session(key), "progress"))
+        return len(keys)
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from podbay.commands.confirm import Proposal
 from podbay.commands.context import CommandContext
 from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry
 from podbay.commands.roles import Role
 from podbay.commands.status import render_status
+from podbay.engine import git
 from podbay.errors import UserError
 
 CONTROL_COMMANDS = ("help", "status", "stop", "use", "whoami", "confirm", "cancel")
@@ -55,21 +59,29 @@ async def cmd_whoami(ctx: CommandContext, inv: Invocation) -> None:
 
 async def cmd_status(ctx: CommandContext, inv: Invocation) -> None:
     name = inv.args.get("project")
-    if name:
-        project = await ctx.engine.project(name)
-        runs = await ctx.engine.store.runs_recent(project=project.name, limit=5)
-        lines = [
-            f"**{project.name}** · {project.stack or 'base'} · {project.state}",
-            f"path: `{project.path}`",
-        ]
-        if project.git_url:
-            lines.append(f"git: {project.git_url}")
-        if runs:
-            lines.append("recent runs:")
-            lines += [f"• #{r.id} {r.status}: {r.prompt[:60]!r}" for r in runs]
-        await ctx.reply("\n".join(lines))
+    if not name:
+        await ctx.reply(render_status(await ctx.engine.status()))
         return
-    await ctx.reply(render_status(await ctx.engine.status()))
+    project = await ctx.engine.project(name)
+    lines = [
+        f"**{project.name}** · {project.stack or 'base image'} · {project.state}",
+        f"path: `{project.path}`",
+    ]
+    if project.image:
+        lines.append(f"image: {project.image}")
+    lines.append(f"created: {time.strftime('%Y-%m-%d %H:%M', time.localtime(project.created_at))}")
+    cpus = project.settings.get("cpus")
+    if cpus is not None:
+        lines.append(f"limits: {float(cpus):g} CPUs, {project.settings.get('memory')} memory")
+    summary = await git.summary(Path(project.path))
+    if summary is not None:
+        remote = f" · remote {summary.remote}" if summary.remote else ""
+        lines.append(f"git: branch {summary.branch} · {summary.dirty} uncommitted{remote}")
+    runs = await ctx.engine.store.runs_recent(project=project.name, limit=5)
+    if runs:
+        lines.append("recent runs:")
+        lines += [f"• #{r.id} {r.status}: {r.prompt[:60]!r}" for r in runs]
+    await ctx.reply("\n".join(lines))
 
 
 async def cmd_use(ctx: CommandContext, inv: Invocation) -> None:

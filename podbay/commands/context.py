@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,6 +16,42 @@ from podbay.engine.jobs import Work
 from podbay.messages import Inbound, MessageRef, Reply, ReplyKind, Sender, SessionKey
 
 Send = Callable[[SessionKey, Reply], Awaitable[MessageRef | None]]
+Edit = Callable[[MessageRef, Reply], Awaitable[MessageRef | None]]
+
+
+class ProgressMessage:
+    """Progress of a long job: one message edited in place where the transport can edit,
+    otherwise at most one new message per ``interval_s`` (the newest text wins)."""
+
+    def __init__(
+        self,
+        session: SessionKey,
+        send: Send,
+        edit: Edit | None,
+        *,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._send = send
+        self._edit = edit
+        self._interval = interval_s
+        self._clock = clock
+        self._ref: MessageRef | None = None
+        self._last_sent: float | None = None
+
+    async def update(self, text: str) -> None:
+        reply = Reply(text, "progress")
+        if self._edit is not None:
+            if self._ref is None:
+                self._ref = await self._send(self._session, reply)
+            else:
+                self._ref = await self._edit(self._ref, reply) or self._ref
+            return
+        now = self._clock()
+        if self._last_sent is None or now - self._last_sent >= self._interval:
+            self._last_sent = now
+            await self._send(self._session, reply)
 
 
 class SessionControl(Protocol):
@@ -33,6 +70,7 @@ class CommandContext:
     proposals: Proposals
     control: SessionControl
     send: Send
+    edit: Edit | None = None
 
     @property
     def session(self) -> SessionKey:
@@ -44,6 +82,9 @@ class CommandContext:
 
     async def reply(self, text: str, kind: ReplyKind = "info") -> MessageRef | None:
         return await self.send(self.session, Reply(text, kind))
+
+    def progress(self) -> ProgressMessage:
+        return ProgressMessage(self.session, self.send, self.edit)
 
     async def start_job(
         self, project: str, kind: str, work: Work, params: dict[str, object] | None = None

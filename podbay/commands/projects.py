@@ -1,55 +1,130 @@
-"""Project commands (engine jobs): new project, delete.
+"""Project commands: new project, delete (engine jobs), restart, rebuild, ssh, logs.
 
-They validate everything before anything is created, then hand the work to the engine as a
-background job. Without a container provisioner they say so.
+They validate everything before anything is created, then hand the work to the engine as
+a background job whose progress is posted to the conversation.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 from podbay.commands.context import CommandContext
 from podbay.commands.registry import CommandSpec, Invocation, Option, Positional, Registry
 from podbay.commands.roles import Role
+from podbay.engine.jobs import JobHandle
+from podbay.engine.lifecycle import NewProjectRequest, check_memory, parse_cpus
 from podbay.engine.projects import validate_git_url, validate_name, validate_stack
-from podbay.errors import UsageError, UserError
-
-_MEMORY = re.compile(r"^\d+(\.\d+)?[kmg]?b?$", re.IGNORECASE)
-
-
-def _validate_new(inv: Invocation) -> None:
-    validate_name(inv.args["name"])
-    if (stack := inv.opt("stack")) is not None:
-        validate_stack(stack)
-    if (url := inv.opt("git")) is not None:
-        validate_git_url(url)
-    if (path := inv.opt("path")) is not None and not Path(path).expanduser().is_absolute():
-        raise UserError(f"--path must be absolute (e.g. /home/me/code/app), got {path[:80]!r}.")
-    if (cpus := inv.opt("cpus")) is not None:
-        try:
-            ok = 0 < float(cpus) <= 256
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"--cpus takes a positive number such as 2 or 0.5, got {cpus[:20]!r}.")
-    if (memory := inv.opt("memory")) is not None and not _MEMORY.match(memory):
-        raise UsageError(f"--memory takes a size such as 512m or 4g, got {memory[:20]!r}.")
+from podbay.engine.ssh import connection_info
+from podbay.errors import UserError
 
 
 async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
-    _validate_new(inv)
-    name = inv.args["name"]
-    if await ctx.engine.store.project_get(name) is not None:
-        raise UserError(f"A project named `{name}` already exists; pick another name.")
-    ctx.engine.require_provisioner()
-    raise UserError("Project creation is not available in this build.")
+    name = validate_name(inv.args["name"])
+    if (url := inv.opt("git")) is not None:
+        validate_git_url(url)
+    token = inv.opt("token")
+    if token is not None and (token == "[redacted]" or not token.strip()):
+        raise UserError("The token was redacted before podbay stored this message; send it again.")
+    request = NewProjectRequest(
+        name=name,
+        requested_by=ctx.sender.identity,
+        requester_name=ctx.sender.name,
+        session=ctx.session,
+        stack=inv.opt("stack"),
+        git_url=url,
+        path=inv.opt("path"),
+        cpus=parse_cpus(inv.opt("cpus")),
+        memory=check_memory(inv.opt("memory")),
+        token=token,
+    )
+    if request.stack is not None:
+        validate_stack(request.stack, tuple(ctx.engine.require_projects().stacks()))
+    manager = ctx.engine.require_projects()
+    plan = await manager.plan(request)
+    progress = ctx.progress()
+
+    async def work(job: JobHandle) -> str:
+        created = await manager.create(plan, job, progress.update)
+        project = created.project
+        lines = [
+            f"**{project.name}** is ready · {project.stack or 'base image'} "
+            f"({created.stack_reason})",
+            f"Source: `{project.path}` (mounted at `/workspace`)",
+            created.connection,
+            created.identity_note,
+        ]
+        if created.token_note:
+            lines.append(created.token_note)
+        lines.append("Freeform messages here now go to its agent.")
+        return "\n".join(lines)
+
+    await progress.update(f"Creating `{name}` at `{plan.path}`…")
+    await ctx.start_job(name, "new project", work)
 
 
 async def cmd_delete(ctx: CommandContext, inv: Invocation) -> None:
+    manager = ctx.engine.require_projects()
     project = await ctx.engine.project(inv.args["project"])
-    ctx.engine.require_provisioner()
-    raise UserError(f"Deleting `{project.name}` is not available in this build.")
+    purge = inv.flag("purge")
+    kept = (
+        f"the source at `{project.path}` moves to podbay's trash"
+        if purge
+        else f"the source at `{project.path}` is kept"
+    )
+    summary = (
+        f"Delete project `{project.name}`? This cancels its agent runs and removes its "
+        f"container, volume, SSH port {project.ssh_port} and keys; {kept}."
+    )
+
+    async def action() -> None:
+        async def work(job: JobHandle) -> str:
+            return await manager.delete(project.name, purge=purge, job=job)
+
+        await ctx.reply(f"Deleting `{project.name}`…", "progress")
+        await ctx.start_job(project.name, "delete", work)
+
+    await ctx.propose(summary, action)
+
+
+async def cmd_restart(ctx: CommandContext, inv: Invocation) -> None:
+    manager = ctx.engine.require_projects()
+    project = await ctx.engine.project(inv.args["project"])
+
+    async def work(job: JobHandle) -> str:
+        await manager.restart(project.name, job)
+        return f"Restarted `{project.name}`; SSH is answering on port {project.ssh_port}."
+
+    await ctx.start_job(project.name, "restart", work)
+
+
+async def cmd_rebuild(ctx: CommandContext, inv: Invocation) -> None:
+    manager = ctx.engine.require_projects()
+    project = await ctx.engine.project(inv.args["project"])
+    progress = ctx.progress()
+
+    async def work(job: JobHandle) -> str:
+        return await manager.rebuild(project.name, job, progress.update)
+
+    await ctx.start_job(project.name, "rebuild", work)
+
+
+async def cmd_ssh(ctx: CommandContext, inv: Invocation) -> None:
+    manager = ctx.engine.require_projects()
+    project = await ctx.engine.project(inv.args["project"])
+    if project.ssh_port is None:
+        raise UserError(f"`{project.name}` has no SSH port yet; it is {project.state}.")
+    await ctx.reply(connection_info(project.name, project.ssh_port, manager.key_path(project.name)))
+
+
+async def cmd_logs(ctx: CommandContext, inv: Invocation) -> None:
+    manager = ctx.engine.require_projects()
+    project = await ctx.engine.project(inv.args["project"])
+    raw = inv.opt("n") or "50"
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise UserError(f"-n takes a number of lines from 1 to 1000, got {raw[:10]!r}.")
+    text = (await manager.docker.logs(manager.container_name(project.name), int(raw))).strip()
+    fence = "````" if "```" in text else "```"
+    await ctx.reply(
+        f"Last {raw} log lines of `{project.name}`:\n{fence}\n{text or '(empty)'}\n{fence}"
+    )
 
 
 def register(registry: Registry) -> None:
@@ -80,5 +155,44 @@ def register(registry: Registry) -> None:
             role=Role.ADMIN,
             positionals=(Positional("project"),),
             options=(Option("purge", help="also move the source to podbay's trash"),),
+        )
+    )
+    registry.add(
+        CommandSpec(
+            "restart",
+            "restart a project's container",
+            cmd_restart,
+            kind="job",
+            role=Role.OPERATOR,
+            positionals=(Positional("project"),),
+        )
+    )
+    registry.add(
+        CommandSpec(
+            "rebuild",
+            "rebuild the image if its inputs changed and recreate the container",
+            cmd_rebuild,
+            kind="job",
+            role=Role.OPERATOR,
+            positionals=(Positional("project"),),
+        )
+    )
+    registry.add(
+        CommandSpec(
+            "ssh",
+            "show how to connect an editor to a project",
+            cmd_ssh,
+            role=Role.OPERATOR,
+            positionals=(Positional("project"),),
+        )
+    )
+    registry.add(
+        CommandSpec(
+            "logs",
+            "show a project's container log",
+            cmd_logs,
+            role=Role.OPERATOR,
+            positionals=(Positional("project"),),
+            options=(Option("n", "N", short="n", help="how many lines (default 50)"),),
         )
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from podbay.engine.core import StatusReport
+from podbay.engine.store import ProjectRow
 
 
 def _age(seconds: float) -> str:
@@ -18,6 +19,31 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d"
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}".replace(".0", "")
+        n = n / 1024  # type: ignore[assignment]
+    return f"{n}G"
+
+
+def _project_line(report: StatusReport, project: ProjectRow, now: float) -> str:
+    parts = [f"`{project.name}`", project.stack or "base"]
+    container = report.containers.get(project.name)
+    if project.state != "ready":
+        parts.append(project.state)
+    elif container is None:
+        parts.append("⚠ container missing" if not report.notes else "container unknown")
+    else:
+        parts.append(container.label)
+    if project.ssh_port:
+        parts.append(f"ssh {project.ssh_port}")
+    stats = report.stats.get(project.name)
+    if stats is not None and container is not None and container.state == "running":
+        parts.append(f"cpu {stats.cpu_percent:.0f}% mem {_size(stats.memory_bytes)}")
+    return " · ".join(parts)
+
+
 def render_status(report: StatusReport, now: float | None = None) -> str:
     """Compact Markdown, readable on a phone."""
     now = time.time() if now is None else now
@@ -25,11 +51,14 @@ def render_status(report: StatusReport, now: float | None = None) -> str:
     if report.projects:
         lines.append(f"**Projects ({len(report.projects)})**")
         for project in report.projects:
-            stack = project.stack or "base"
-            port = f" · ssh {project.ssh_port}" if project.ssh_port else ""
-            lines.append(f"• `{project.name}` · {stack} · {project.state}{port}")
+            lines.append("• " + _project_line(report, project, now))
     else:
         lines.append("**Projects**: none yet — `new project <name>` creates one.")
+    for orphan in report.orphans:
+        lines.append(
+            f"• ⚠ container `{orphan.name}` is labelled for project `{orphan.project}`, "
+            "which podbay does not know (left alone)"
+        )
     if report.active_runs:
         lines.append(f"**Runs ({len(report.active_runs)} active)**")
         for run in report.active_runs:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from podbay.config import Settings
 from podbay.engine.agents import Agent, build_agent
+from podbay.engine.docker import ContainerInfo, DockerProvisioner
 from podbay.engine.jobs import JobRunner
+from podbay.engine.lifecycle import ContainerStats, ProjectManager
 from podbay.engine.store import JobRow, ProjectRow, RunRow, Store
-from podbay.errors import NotConfigured, UserError
+from podbay.errors import EngineError, NotConfigured, UserError
 from podbay.messages import SessionKey
-
-
-class Provisioner(Protocol):
-    """Creates and manages project containers. Arrives with the [containers] work."""
-
-    name: str
 
 
 @dataclass(frozen=True)
@@ -26,6 +21,9 @@ class StatusReport:
     active_runs: list[RunRow]
     queue_depths: dict[str, int]
     jobs: list[JobRow]
+    containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    orphans: list[ContainerInfo] = field(default_factory=list)
+    stats: dict[str, ContainerStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -36,7 +34,7 @@ class Engine:
         settings: Settings,
         *,
         agent: Agent | None = None,
-        provisioner: Provisioner | None = None,
+        provisioner: DockerProvisioner | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -45,6 +43,9 @@ class Engine:
         )
         self.provisioner = provisioner
         self.jobs = JobRunner(store)
+        self.projects = (
+            ProjectManager(store, settings, provisioner) if provisioner is not None else None
+        )
 
     # -- projects ---------------------------------------------------------------------
 
@@ -74,20 +75,43 @@ class Engine:
         await self.store.session_set_project(session, project.name if project else None)
         return project
 
-    def require_provisioner(self) -> Provisioner:
-        if self.provisioner is None:
+    def require_projects(self) -> ProjectManager:
+        if self.projects is None:
             raise NotConfigured(
                 "No container provisioner is configured, so projects cannot be created or "
-                "deleted yet. Container support arrives with podbay's Docker engine integration."
+                "deleted. Start podbay with Docker available (see `podbay doctor`)."
             )
-        return self.provisioner
+        return self.projects
 
     # -- status -----------------------------------------------------------------------
 
     async def status(self) -> StatusReport:
+        projects = await self.store.project_list()
+        containers: dict[str, ContainerInfo] = {}
+        orphans: list[ContainerInfo] = []
+        notes: list[str] = []
+        stats: dict[str, ContainerStats] = {}
+        if self.projects is not None:
+            try:
+                # One engine call for every container, however many projects there are.
+                mine = await self.projects.managed_containers()
+            except EngineError as exc:
+                notes.append(f"Docker: {exc}")
+            else:
+                known = {p.name for p in projects}
+                for info in mine:
+                    if info.project in known:
+                        containers[info.project] = info
+                    else:
+                        orphans.append(info)
+            stats = dict(self.projects.stats_cache)
         return StatusReport(
-            projects=await self.store.project_list(),
+            projects=projects,
             active_runs=await self.store.runs_active(),
             queue_depths=await self.store.queue_depths(),
             jobs=await self.store.jobs_active(),
+            containers=containers,
+            orphans=orphans,
+            stats=stats,
+            notes=notes,
         )

@@ -85,12 +85,19 @@ class MemoryTransport:
             ) from None
 
     async def wait_for_text(
-        self, fragment: str, session: SessionKey | None = None, timeout: float = 10.0
+        self,
+        fragment: str,
+        session: SessionKey | None = None,
+        timeout: float = 10.0,
+        *,
+        since: int = 0,
     ) -> str:
+        """The first reply containing ``fragment`` among those sent after ``since`` replies."""
         found: list[str] = []
 
         def match() -> bool:
-            found[:] = [t for t in self.texts(session) if fragment in t]
+            recent = [r.text for s, r in self.sent[since:] if session is None or s == session]
+            found[:] = [t for t in recent if fragment in t]
             return bool(found)
 
         await self.wait_for(match, timeout, what=repr(fragment))

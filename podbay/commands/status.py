@@ -36,6 +36,8 @@ def _project_line(report: StatusReport, project: ProjectRow, now: float) -> str:
         parts.append("⚠ container missing" if not report.notes else "container unknown")
     else:
         parts.append(container.label)
+        if container.state == "running" and container.status_text.startswith("Up "):
+            parts.append(container.status_text.lower().split(" (")[0])
     if project.ssh_port:
         parts.append(f"ssh {project.ssh_port}")
     stats = report.stats.get(project.name)

@@ -59,6 +59,7 @@ class ContainerInfo:
     started_at: str
     image: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    status_text: str = ""  # the engine's own summary, e.g. "Up 5 minutes"
 
     @property
     def label(self) -> str:
@@ -105,6 +106,7 @@ def _summary_info(item: Mapping[str, Any]) -> ContainerInfo:
         started_at=str(item.get("Created", "")),
         image=item.get("Image", ""),
         labels=labels,
+        status_text=status,
     )
 
 

@@ -100,13 +100,17 @@ class ImageSpec:
     context: Path
     buildargs: Mapping[str, str]
     files: tuple[Path, ...]
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Hashed once, when the spec is made: the tag names these inputs as they were then.
+        object.__setattr__(self, "digest", self._hash())
 
     @property
     def tag(self) -> str:
         return f"{self.repository}:{self.digest}"
 
-    @property
-    def digest(self) -> str:
+    def _hash(self) -> str:
         h = hashlib.sha256()
         h.update(self.dockerfile.encode())
         for key in sorted(self.buildargs):

@@ -205,3 +205,41 @@ def _containers(instance: str) -> list[str]:
         check=True,
     ).stdout
     return out.split()
+
+
+FAILING_STACK = Path(__file__).parent / "failing-stacks"
+
+
+@pytest.mark.parametrize("docker_options", [{"stacks_dirs": [FAILING_STACK]}])
+async def test_a_failed_image_build_quotes_its_last_lines_and_creates_nothing(
+    dh: DockerHarness,
+) -> None:
+    before = {p.name for p in dh.projects_root.iterdir()}
+    reply = await dh.ask("new project broken --stack broken", "Image build failed", timeout=300)
+    assert "line 29 of the failing step" in reply
+    assert "line 5 of the failing step" not in reply  # only the last 20 lines are quoted
+    await dh.dispatcher.drain()
+    await assert_nothing_created(dh, before)
+
+
+async def test_a_dead_container_is_reported_once_to_the_sessions_using_it(
+    dh: DockerHarness,
+) -> None:
+    from podbay.engine.reconcile import Reconciler
+
+    await dh.ask("new project fragile", "is ready")
+    name = dh.manager.container_name("fragile")
+    await asyncio.to_thread(
+        subprocess.run, ["docker", "stop", "-t", "1", name], check=True, capture_output=True
+    )
+    told: list[str] = []
+
+    async def notify(session: object, text: str) -> None:
+        told.append(f"{session} {text}")
+
+    reconciler = Reconciler(dh.manager, notify, lambda project: False)
+    (action,) = await reconciler.run_once()
+    assert action.startswith("fragile: its container is exited(")
+    assert await reconciler.run_once() == []
+    assert len(told) == 1 and told[0].startswith("memory:dm-alice ⚠ Project `fragile`")
+    assert await dh.manager.docker.inspect(name) is not None, "reported, never deleted"

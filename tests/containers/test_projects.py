@@ -124,7 +124,7 @@ async def test_status_shows_containers_and_flags_drift_with_one_list_call(
     docker.list_managed = counting_list  # type: ignore[method-assign]
     docker.inspect = counting_inspect  # type: ignore[method-assign]
     text = await dh.ask("status", "Projects (1)")
-    assert "`alpha` · base · running · ssh" in text
+    assert "`alpha` · base · running · up " in text and " · ssh 22" in text
     assert calls == {"list": 1, "inspect": 0}
 
     name = dh.manager.container_name("alpha")

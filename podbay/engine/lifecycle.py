@@ -207,7 +207,6 @@ class ProjectManager:
     async def create(self, plan: Plan, job: JobHandle, progress: Progress) -> Created:
         req = plan.request
         made_dir = not plan.path.exists()
-        uid, gid = dev_ids()
         port = allocate_port(
             *self.settings.projects.ssh_port_range, await self.store.ports_in_use()
         )
@@ -231,7 +230,7 @@ class ProjectManager:
             raise UserError(str(exc)) from exc
         await job.step("registered", f"port {port}")
         try:
-            return await self._build_out(plan, row, job, progress, made_dir, uid, gid)
+            return await self._build_out(plan, row, job, progress)
         except BaseException as exc:
             await asyncio.shield(self._rollback(req.name, plan.path, made_dir))
             if isinstance(exc, EngineError):
@@ -244,11 +243,9 @@ class ProjectManager:
         row: ProjectRow,
         job: JobHandle,
         progress: Progress,
-        made_dir: bool,
-        uid: int,
-        gid: int,
     ) -> Created:
         req = plan.request
+        uid, gid = dev_ids()
         assert row.ssh_port is not None
         port = row.ssh_port
         public_key = await generate_keypair(self.key_path(req.name), f"podbay-{req.name}")
@@ -471,11 +468,9 @@ class ProjectManager:
             await self.docker.remove(
                 self.container_name(project), volumes=(self.volume_name(project),)
             )
-        for folder in (self.keys_dir(project), self.secrets_dir(project)):
-            shutil.rmtree(folder, ignore_errors=True)
-        if made_dir:
-            # Only ever a directory this attempt created: its content is a fresh init/clone.
-            shutil.rmtree(path, ignore_errors=True)
+        await asyncio.to_thread(
+            _remove_files, [self.keys_dir(project), self.secrets_dir(project)], path, made_dir
+        )
         with contextlib.suppress(Exception):
             await self.store.project_remove(project)
 
@@ -493,8 +488,7 @@ class ProjectManager:
             await job.step("runs", f"cancelled {cancelled}")
         await self.docker.remove(self.container_name(project), volumes=(self.volume_name(project),))
         await job.step("container", "removed")
-        for folder in (self.keys_dir(project), self.secrets_dir(project)):
-            shutil.rmtree(folder, ignore_errors=True)
+        await asyncio.to_thread(_remove_files, [self.keys_dir(project), self.secrets_dir(project)])
         await job.step("keys", "removed")
         kept = f"Source kept at `{row.path}`."
         if purge and await asyncio.to_thread(Path(row.path).exists):
@@ -553,6 +547,23 @@ class ProjectManager:
             shutil.rmtree(self.trash_dir() / entry, ignore_errors=True)
             (self.trash_dir() / f"{entry}.json").unlink(missing_ok=True)
         return len(entries)
+
+
+def _remove_files(folders: list[Path], source: Path | None = None, made_dir: bool = False) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    # The source was absent or empty when validated, so everything in it is ours (a fresh
+    # init or clone); a directory the user made stays, emptied again.
+    if source is None:
+        return
+    if made_dir:
+        shutil.rmtree(source, ignore_errors=True)
+    elif source.is_dir():
+        for child in source.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
 
 
 def _chown_tree(path: Path, uid: int, gid: int) -> None:

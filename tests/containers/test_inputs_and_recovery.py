@@ -243,3 +243,18 @@ async def test_a_dead_container_is_reported_once_to_the_sessions_using_it(
     assert await reconciler.run_once() == []
     assert len(told) == 1 and told[0].startswith("memory:dm-alice ⚠ Project `fragile`")
     assert await dh.manager.docker.inspect(name) is not None, "reported, never deleted"
+
+
+async def test_a_users_empty_directory_survives_a_failed_creation_empty(
+    dh: DockerHarness,
+) -> None:
+    mine = dh.projects_root / "mine"
+    mine.mkdir()
+    await dh.ask(
+        f"new project ghost --path {mine} --git ssh://dev@127.0.0.1:1/nowhere.git",
+        "failed",
+        timeout=120,
+    )
+    await dh.dispatcher.drain()
+    assert mine.is_dir() and list(mine.iterdir()) == []
+    assert await dh.store.project_list() == []

@@ -420,6 +420,7 @@ class Dispatcher:
         run_id = await self.store.run_create(
             state.key, project.name if project else "", prompt, agent.name
         )
+        await self.store.session_touch(state.key)  # "last activity" in status
         await self.store.inbox_attach_run(ids, run_id)
         self.stats["runs"] += 1
         state.running = ActiveRun(

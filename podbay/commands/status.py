@@ -74,6 +74,14 @@ def render_status(report: StatusReport, now: float | None = None) -> str:
     queued = {k: n for k, n in report.queue_depths.items() if n}
     if queued:
         lines.append("**Queues**: " + ", ".join(f"{k} {n}" for k, n in sorted(queued.items())))
+    if report.sessions:
+        lines.append("**Conversations (last 24 h)**")
+        for session in report.sessions[:10]:
+            using = f" → `{session.active_project}`" if session.active_project else ""
+            lines.append(
+                f"• {session.session_key}{using} · last activity "
+                f"{_age(now - session.last_activity)} ago"
+            )
     if report.jobs:
         lines.append("**Jobs**")
         for job in report.jobs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import time
 from dataclasses import dataclass, field
 
 from podbay.config import Settings
@@ -10,7 +11,7 @@ from podbay.engine.agents import Agent, build_agent
 from podbay.engine.docker import ContainerInfo, DockerProvisioner
 from podbay.engine.jobs import JobRunner
 from podbay.engine.lifecycle import ContainerStats, ProjectManager
-from podbay.engine.store import JobRow, ProjectRow, RunRow, Store
+from podbay.engine.store import JobRow, ProjectRow, RunRow, SessionRow, Store
 from podbay.errors import EngineError, NotConfigured, UserError
 from podbay.messages import SessionKey
 
@@ -24,6 +25,7 @@ class StatusReport:
     containers: dict[str, ContainerInfo] = field(default_factory=dict)
     orphans: list[ContainerInfo] = field(default_factory=list)
     stats: dict[str, ContainerStats] = field(default_factory=dict)
+    sessions: list[SessionRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -113,5 +115,6 @@ class Engine:
             containers=containers,
             orphans=orphans,
             stats=stats,
+            sessions=await self.store.sessions_recent(time.time() - 86400),
             notes=notes,
         )

@@ -252,6 +252,15 @@ class SessionRow:
     last_activity: float
 
 
+def _session(row: sqlite3.Row) -> SessionRow:
+    return SessionRow(
+        session_key=row["session_key"],
+        active_project=row["active_project"],
+        agent_sessions={k: str(v) for k, v in _json_dict(row["agent_sessions"]).items()},
+        last_activity=row["last_activity"],
+    )
+
+
 def _json_dict(text: str) -> dict[str, Any]:
     value = json.loads(text)
     return cast(dict[str, Any], value) if isinstance(value, dict) else {}
@@ -596,12 +605,16 @@ class Store:
             row = await self._fetchone("SELECT * FROM sessions WHERE session_key = ?", (str(key),))
         if row is None:
             return SessionRow(str(key), None, {}, 0.0)
-        return SessionRow(
-            session_key=row["session_key"],
-            active_project=row["active_project"],
-            agent_sessions={k: str(v) for k, v in _json_dict(row["agent_sessions"]).items()},
-            last_activity=row["last_activity"],
-        )
+        return _session(row)
+
+    async def sessions_recent(self, since: float) -> list[SessionRow]:
+        """Sessions active at or after ``since``, most recent first."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT * FROM sessions WHERE last_activity >= ? ORDER BY last_activity DESC",
+                (since,),
+            )
+        return [_session(r) for r in rows]
 
     async def _session_upsert(self, key: SessionKey, sets: str = "", params: Params = ()) -> None:
         """Insert the session if absent, then apply ``sets`` (extra ``col = ?, `` assignments)

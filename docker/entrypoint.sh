@@ -125,18 +125,23 @@ fi
 # --- sshd ----------------------------------------------------------------------------------
 # The container's environment (PATH, LANG, toolchain variables set by stack images...) is
 # handed to SSH sessions, which otherwise start from sshd's bare defaults. Per-session and
-# podbay's own variables are left out.
+# podbay's own variables are left out (but see PODBAY_PATH).
 setenv=()
+add_setenv() { # add_setenv NAME VALUE: one quoted SetEnv argument; values with control characters are skipped
+  local value=$2
+  case $value in *[[:cntrl:]]*) return 0 ;; esac
+  value=${value//\\/\\\\}
+  value=${value//\"/\\\"}
+  setenv+=("\"$1=$value\"")
+}
 while IFS= read -r name; do
   case $name in
     PODBAY_* | HOME | USER | LOGNAME | SHELL | PWD | OLDPWD | SHLVL | HOSTNAME | TERM | _ | MAIL) continue ;;
   esac
-  value=${!name-}
-  case $value in *[[:cntrl:]]*) continue ;; esac
-  value=${value//\\/\\\\}
-  value=${value//\"/\\\"}
-  setenv+=("\"$name=$value\"")
+  add_setenv "$name" "${!name-}"
 done < <(compgen -e)
+# Login shells get PATH reset by /etc/profile; /etc/profile.d/podbay.sh adds these back.
+add_setenv PODBAY_PATH "$PATH"
 
 tmp=$CONFIG.tmp
 {

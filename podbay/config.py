@@ -166,6 +166,10 @@ class DockerConfig(_Section):
         default_factory=list, description="Extra folders of stacks/<name>/ overlays."
     )
     name_prefix: str = Field("podbay-", description="Prefix of container and volume names.")
+    extra_ca_certs: list[Path] = Field(
+        default_factory=list,
+        description="PEM files of extra CAs (a TLS-intercepting proxy) trusted in images.",
+    )
     cpus: float = Field(2.0, gt=0, description="Default CPU limit per project.")
     memory: str = Field("4g", description="Default memory limit per project.")
     pids_limit: int = Field(1024, ge=16, description="Process limit per project container.")

@@ -346,6 +346,10 @@ def _tar_context(spec: ImageSpec) -> io.BytesIO:
         tar.addfile(info, io.BytesIO(data))
         for path in spec.files:
             tar.add(path, arcname=str(path.relative_to(spec.context)), recursive=False)
+        for name, content in spec.extra:
+            member = tarfile.TarInfo(name)
+            member.size, member.mtime, member.mode = len(content), int(time.time()), 0o644
+            tar.addfile(member, io.BytesIO(content))
     buffer.seek(0)
     return buffer
 

@@ -420,7 +420,13 @@ class ProjectManager:
     async def ensure_image(self, stack: str | None, progress: Progress | None = None) -> str:
         """The tag of the image for ``stack`` (None: the base), building what is missing."""
         uid, gid = dev_ids()
-        base = base_image_spec(self.settings.docker.base_image, uid, gid)
+        docker_cfg = self.settings.docker
+        try:
+            base = base_image_spec(docker_cfg.base_image, uid, gid, docker_cfg.extra_ca_certs)
+        except OSError as exc:
+            raise UserError(
+                f"cannot read a file of `docker.extra_ca_certs`: {exc.filename}: {exc.strerror}"
+            ) from exc
         specs: list[ImageSpec] = [base]
         if stack is not None:
             stacks = self.stacks()

@@ -100,6 +100,8 @@ class ImageSpec:
     context: Path
     buildargs: Mapping[str, str]
     files: tuple[Path, ...]
+    # Generated context members: (path in the context, content).
+    extra: tuple[tuple[str, bytes], ...] = ()
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +120,9 @@ class ImageSpec:
         for path in self.files:
             h.update(f"\0file {path.relative_to(self.context)}\0".encode())
             h.update(path.read_bytes())
+        for name, content in self.extra:
+            h.update(f"\0extra {name}\0".encode())
+            h.update(content)
         return h.hexdigest()[:12]
 
 
@@ -129,7 +134,9 @@ def _context_files(context: Path, skip: Sequence[str] = ()) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def base_image_spec(base_image: str, uid: int, gid: int) -> ImageSpec:
+def base_image_spec(
+    base_image: str, uid: int, gid: int, extra_ca_certs: Iterable[Path] = ()
+) -> ImageSpec:
     root = docker_dir()
     dockerfile = (root / "Dockerfile.base").read_text(encoding="utf-8")
     files = tuple(
@@ -143,6 +150,10 @@ def base_image_spec(base_image: str, uid: int, gid: int) -> ImageSpec:
         context=root,
         buildargs={"BASE_IMAGE": base_image, "DEV_UID": str(uid), "DEV_GID": str(gid)},
         files=files,
+        extra=tuple(
+            (f"extra-ca/podbay-extra-{i}.crt", Path(cert).expanduser().read_bytes())
+            for i, cert in enumerate(extra_ca_certs)
+        ),
     )
 
 

@@ -85,6 +85,16 @@ class DockerHarness:
         return await self.transport.wait_for_text(expect, session=DM, timeout=timeout, since=since)
 
 
+def local_ca_certs() -> list[Path]:
+    """CAs this machine added locally (a TLS-intercepting proxy here): builds must trust
+    them to reach npm, exactly as an operator on this network would configure podbay."""
+    return sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+
+
+def ca_toml() -> str:
+    return "extra_ca_certs = [" + ", ".join(f'"{p}"' for p in local_ca_certs()) + "]\n"
+
+
 def container_settings(tmp_path: Path, **docker: object) -> Settings:
     prefix = f"pbt{secrets.token_hex(3)}-"
     return Settings(
@@ -98,6 +108,7 @@ def container_settings(tmp_path: Path, **docker: object) -> Settings:
             "ready_timeout_s": 60,
             "reconcile_interval_s": 3600,
             "stats_interval_s": 3600,
+            "extra_ca_certs": local_ca_certs(),
             **docker,
         },
         git={"user_name": "Test Dev", "user_email": "dev@example.org"},

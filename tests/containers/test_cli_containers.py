@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import container_settings, remove_instance_containers
+from conftest import ca_toml, container_settings, remove_instance_containers
 
 from podbay.engine.lifecycle import instance_id
 
@@ -34,7 +34,8 @@ def test_console_creates_lists_deletes_and_restores_a_project(
     config.write_text(
         f'[projects]\nroot = "{root}"\n'
         f'[docker]\nnetwork = "host"\nname_prefix = "{settings.docker.name_prefix}"\n'
-        '[git]\nuser_name = "Console Dev"\nuser_email = "console@example.org"\n'
+        + ca_toml()
+        + '[git]\nuser_name = "Console Dev"\nuser_email = "console@example.org"\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
     env |= {"PODBAY_CONFIG": str(config), "PODBAY_DATA_DIR": str(settings.data_dir)}

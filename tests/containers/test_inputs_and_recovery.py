@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DockerHarness, container_settings, remove_instance_containers
+from conftest import DockerHarness, ca_toml, container_settings, remove_instance_containers
 
 from podbay.engine.lifecycle import instance_id
 
@@ -141,6 +141,7 @@ name_prefix = "{settings.docker.name_prefix}"
 stacks_dirs = ["{Path(__file__).parent / "stacks"}"]
 ready_timeout_s = 300
 """
+        + ca_toml()
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
     env |= {"PODBAY_CONFIG": str(config), "PODBAY_DATA_DIR": str(settings.data_dir)}

@@ -89,6 +89,9 @@ def test_image_tags_hash_every_input(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert base_image_spec("debian:bookworm-slim", 1000, 1000).tag == base.tag
     assert base_image_spec("debian:bookworm-slim", 1001, 1000).tag != base.tag
     assert base_image_spec("debian:trixie-slim", 1000, 1000).tag != base.tag
+    ca = tmp_path / "proxy-ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert base_image_spec("debian:bookworm-slim", 1000, 1000, [ca]).tag != base.tag
     (copy / "entrypoint.sh").write_text((copy / "entrypoint.sh").read_text() + "\n# edit\n")
     changed = base_image_spec("debian:bookworm-slim", 1000, 1000)
     assert changed.tag != base.tag

@@ -142,8 +142,6 @@ while IFS= read -r name; do
 done < <(compgen -e)
 # Login shells get PATH reset by /etc/profile; /etc/profile.d/podbay.sh adds these back.
 add_setenv PODBAY_PATH "$PATH"
-# `ssh host 'cmd'` runs cmd in /workspace (see /etc/podbay-session.sh).
-add_setenv BASH_ENV /etc/podbay-session.sh
 
 tmp=$CONFIG.tmp
 {

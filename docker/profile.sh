@@ -17,6 +17,3 @@ if [ -n "${PODBAY_PATH:-}" ]; then
   export PATH
   unset _podbay_add _podbay_ifs _podbay_dir
 fi
-
-# BASH_ENV is for non-interactive `ssh host cmd` sessions only (see /etc/podbay-session.sh).
-unset BASH_ENV

@@ -4,17 +4,13 @@ import asyncio
 import gc
 import inspect
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from fakes.agent import FakeAgent
+from fakes.harness import Harness
 from fakes.transport import MemoryTransport
 
 from podbay.commands.catalog import build_registry
@@ -108,17 +104,6 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
         },
         dispatcher=dispatcher,
     )
-
-
-@dataclass
-class Harness:
-    settings: Settings
-    store: Store
-    engine: Engine
-    dispatcher: Dispatcher
-    transport: MemoryTransport
-    agent: FakeAgent
-    registry: Registry
 
 
 @pytest.fixture

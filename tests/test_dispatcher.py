@@ -4,8 +4,8 @@ import asyncio
 import random
 
 import pytest
-from conftest import Harness
 from fakes.agent import FakeAgent
+from fakes.harness import Harness
 
 from podbay.commands.context import CommandContext
 from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ca_toml, container_settings, remove_instance_containers
+from docker_support import ca_toml, container_settings, remove_instance_containers
 
 from podbay.engine.lifecycle import instance_id
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DockerHarness, ca_toml, container_settings, remove_instance_containers
+from docker_support import DockerHarness, ca_toml, container_settings, remove_instance_containers
 
 from podbay.engine.lifecycle import instance_id
 
@@ -115,7 +115,7 @@ async def test_clone_over_ssh_brings_the_content_and_detects_the_stack(
     )
     url = f"ssh://dev@127.0.0.1:{server.ssh_port}/workspace/seed.git"
     reply = await dh.ask(f"new project cloned --git {url}", "is ready", timeout=600)
-    assert "python (detected from pyproject.toml, requirements.txt, *.py)" in reply
+    assert "python (detected from pyproject.toml, requirements*.txt, *.py)" in reply
     cloned = await dh.store.project_get("cloned")
     assert cloned is not None and cloned.stack == "python" and cloned.git_url == url
     assert (Path(cloned.path) / "app.py").read_text() == "print('hi')\n"

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import DM, DockerHarness, expected_uid, ssh
+from docker_support import DM, DockerHarness, expected_uid, ssh
 
 from podbay.engine.docker import MANAGED_LABEL
 

@@ -11,15 +11,13 @@ from podbay.commands.registry import CommandSpec, Invocation, Option, Positional
 from podbay.commands.roles import Role
 from podbay.engine.jobs import JobHandle
 from podbay.engine.lifecycle import NewProjectRequest, check_memory, parse_cpus
-from podbay.engine.projects import validate_git_url, validate_name, validate_stack
 from podbay.engine.ssh import connection_info
 from podbay.errors import UserError
 
 
 async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
-    name = validate_name(inv.args["name"])
-    if (url := inv.opt("git")) is not None:
-        validate_git_url(url)
+    manager = ctx.engine.require_projects()
+    name = inv.args["name"]
     token = inv.opt("token")
     if token is not None and (token == "[redacted]" or not token.strip()):
         raise UserError("The token was redacted before podbay stored this message; send it again.")
@@ -29,16 +27,13 @@ async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
         requester_name=ctx.sender.name,
         session=ctx.session,
         stack=inv.opt("stack"),
-        git_url=url,
+        git_url=inv.opt("git"),
         path=inv.opt("path"),
         cpus=parse_cpus(inv.opt("cpus")),
         memory=check_memory(inv.opt("memory")),
         token=token,
     )
-    if request.stack is not None:
-        validate_stack(request.stack, tuple(ctx.engine.require_projects().stacks()))
-    manager = ctx.engine.require_projects()
-    plan = await manager.plan(request)
+    plan = await manager.plan(request)  # every check; nothing is created before the job
     progress = ctx.progress()
 
     async def work(job: JobHandle) -> str:

@@ -7,8 +7,6 @@ import re
 from podbay.errors import UserError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
-# Shipped stack overlays; the [containers] work discovers them from docker/stacks.
-KNOWN_STACKS = ("rust", "node", "go", "python", "ruby", "jvm")
 
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:(?!/)[^\s]+$")
 
@@ -22,7 +20,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-def validate_stack(stack: str, known: tuple[str, ...] = KNOWN_STACKS) -> str:
+def validate_stack(stack: str, known: tuple[str, ...]) -> str:
     if stack not in known:
         raise UserError(f"Unknown stack {stack[:40]!r}: choose one of {', '.join(known)}.")
     return stack

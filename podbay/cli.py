@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from podbay import __version__
 from podbay.bot import Podbay, database_path
+from podbay.commands.roles import role_for
 from podbay.commands.status import render_status
 from podbay.config import DEFAULT_CONFIG_PATH, Settings, default_config_toml, load_settings
 from podbay.engine.core import Engine
@@ -191,6 +193,17 @@ def _enabled_transports(settings: Settings) -> list[Transport]:
     transports: list[Transport] = []
     if settings.transports.console.enabled:
         transports.append(ConsoleTransport())
+    matrix = settings.transports.matrix
+    if matrix.enabled:
+        from podbay.transports.matrix import MatrixTransport
+
+        transports.append(
+            MatrixTransport(
+                matrix,
+                settings.data_dir,
+                lambda identity: role_for(identity, settings.access) is not None,
+            )
+        )
     return transports or [ConsoleTransport()]
 
 
@@ -345,6 +358,12 @@ async def _doctor(settings: Settings) -> int:
         )
     else:
         notes.append(f"agent command {command[0]!r} found")
+    if settings.transports.matrix.enabled:
+        matrix_problem = await _check_matrix(settings)
+        if matrix_problem:
+            problems.append(matrix_problem)
+        else:
+            notes.append(f"Matrix homeserver {settings.transports.matrix.homeserver} answers")
     for note in notes:
         print(f"ok: {note}")
     for problem, fix in problems:
@@ -354,6 +373,38 @@ async def _doctor(settings: Settings) -> int:
         return 1
     print("All checks passed.")
     return 0
+
+
+async def _check_matrix(settings: Settings) -> tuple[str, str] | None:
+    import aiohttp
+
+    cfg = settings.transports.matrix
+    state_file = settings.data_dir / "matrix" / "state.json"
+    token = cfg.access_token
+    if state_file.exists():
+        token = json.loads(state_file.read_text()).get("access_token") or token
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.get(f"{cfg.homeserver}/_matrix/client/versions") as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}")
+            if token:
+                async with http.get(
+                    f"{cfg.homeserver}/_matrix/client/v3/account/whoami",
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response:
+                    if response.status != 200:
+                        return (
+                            f"Matrix rejects podbay's access token (HTTP {response.status})",
+                            "set a fresh `transports.matrix.access_token`, or delete "
+                            f"{state_file} to log in again with the password",
+                        )
+    except Exception as exc:
+        return (
+            f"Matrix homeserver {cfg.homeserver} not reachable: {exc}",
+            "check `transports.matrix.homeserver` and the network",
+        )
+    return None
 
 
 def _check_docker() -> tuple[str, str] | None:

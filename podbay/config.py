@@ -199,8 +199,41 @@ class ConsoleTransportConfig(_Section):
     enabled: bool = Field(False, description="Serve the local console in `podbay run`.")
 
 
+class MatrixTransportConfig(_Section):
+    enabled: bool = Field(False, description="Serve Matrix rooms in `podbay run`.")
+    homeserver: str = Field("", description='Homeserver URL, e.g. "https://matrix.example.org".')
+    user_id: str = Field("", description='The bot\'s Matrix ID, e.g. "@podbay:example.org".')
+    password: str = Field("", description="Password for the first login (or use access_token).")
+    access_token: str = Field("", description="Access token instead of a password.")
+    device_id: str = Field("", description="Device to log in as (empty: the server picks one).")
+    ambient_rooms: list[str] = Field(
+        default_factory=list,
+        description="Group rooms where freeform text needs no mention (room IDs).",
+    )
+    leave_when_alone: bool = Field(
+        True, description="Leave rooms where no user from [access] remains."
+    )
+    catch_up_max_age_s: int = Field(
+        600, ge=0, description="After downtime, older messages get 'missed while offline'."
+    )
+    sync_timeline_limit: int = Field(
+        200, ge=10, description="Events per room per sync (bursts beyond it are backfilled)."
+    )
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MatrixTransportConfig:
+        if self.enabled:
+            missing = [k for k in ("homeserver", "user_id") if not getattr(self, k)]
+            if not (self.password or self.access_token):
+                missing.append("password or access_token")
+            if missing:
+                raise ValueError(f"expected {', '.join(missing)} when enabled = true")
+        return self
+
+
 class TransportsConfig(_Section):
     console: ConsoleTransportConfig = Field(default_factory=ConsoleTransportConfig)
+    matrix: MatrixTransportConfig = Field(default_factory=MatrixTransportConfig)
 
 
 class Settings(BaseSettings):

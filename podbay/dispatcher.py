@@ -276,6 +276,10 @@ class Dispatcher:
             )
             if isinstance(parsed, Freeform):
                 kind = "freeform"
+                if not parsed.addressed and not inbound.ambient:
+                    # Chatter in a group room that did not address the bot.
+                    await self.store.inbox_mark([inbox_id], "done", kind="ignored")
+                    return
                 if role < Role.OPERATOR:
                     raise PermissionDenied(
                         f"Talking to the agent needs the operator role; you are a {role.label}."

@@ -67,6 +67,10 @@ class Inbound:
     is_direct: bool = False
     mentioned: bool = False
     aliases: tuple[str, ...] = ()
+    # False in busy group rooms: there, freeform text counts only when the bot is addressed.
+    ambient: bool = True
+    # The message is a reaction (✅/❌) translated to `confirm`/`cancel`.
+    by_reaction: bool = False
 
 
 @dataclass(frozen=True)

@@ -102,10 +102,12 @@ async def cmd_stop(ctx: CommandContext, inv: Invocation) -> None:
     await ctx.reply(await ctx.control.stop_session(ctx.session))
 
 
-def _own_proposal(ctx: CommandContext, verb: str) -> Proposal:
+def _own_proposal(ctx: CommandContext, verb: str) -> Proposal | None:
     proposal = ctx.proposals.take(ctx.session, ctx.sender.identity)
     if proposal is not None:
         return proposal
+    if ctx.inbound.by_reaction:
+        return None  # someone else's ✅ on a prompt is ignored, not answered
     others = ctx.proposals.others(ctx.session, ctx.sender.identity)
     if others:
         raise UserError(
@@ -115,12 +117,13 @@ def _own_proposal(ctx: CommandContext, verb: str) -> Proposal:
 
 
 async def cmd_confirm(ctx: CommandContext, inv: Invocation) -> None:
-    await _own_proposal(ctx, "confirm").action()
+    if (proposal := _own_proposal(ctx, "confirm")) is not None:
+        await proposal.action()
 
 
 async def cmd_cancel(ctx: CommandContext, inv: Invocation) -> None:
-    proposal = _own_proposal(ctx, "cancel")
-    await ctx.reply(f"Cancelled: {proposal.summary}")
+    if (proposal := _own_proposal(ctx, "cancel")) is not None:
+        await ctx.reply(f"Cancelled: {proposal.summary}")
 
 
 def register(registry: Registry) -> None:

@@ -6,6 +6,7 @@ uses these pieces to respect message size limits and to embed user text literall
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass
 
@@ -328,6 +329,92 @@ def markdown_to_plain(text: str) -> str:
         elif (fence := _open_fence(line)) is None:
             out.append(_plain_line(line))
     return "\n".join(out)
+
+
+_SAFE_SCHEMES = ("http://", "https://", "mailto:", "matrix:")
+
+
+def _link(url: str, label: str) -> str:
+    if not url.lower().startswith(_SAFE_SCHEMES):
+        return label  # javascript: and friends never become links
+    return f'<a href="{html.escape(url, quote=True)}">{label}</a>'
+
+
+def _inline_html_match(m: re.Match[str], depth: int) -> str:
+    if m["esc"] is not None:
+        return html.escape(m["esc"])
+    if m["code"] is not None:
+        return f"<code>{html.escape(m['code'])}</code>"
+    if m["auto"] is not None:
+        return _link(m["auto"], html.escape(m["auto"]))
+    if m["label"] is not None:
+        url = m["url"][1:-1] if m["url"].startswith("<") else m["url"]
+        return _link(url, _inline_html(m["label"], depth) or html.escape(url))
+    for name, tag in (
+        ("strong", "strong"),
+        ("strong2", "strong"),
+        ("em", "em"),
+        ("em2", "em"),
+        ("strike", "del"),
+    ):
+        if m[name] is not None:
+            return f"<{tag}>{_inline_html(m[name], depth)}</{tag}>"
+    return html.escape(m[0])
+
+
+def _inline_html(text: str, depth: int = 0) -> str:
+    if depth > _MAX_NESTING:
+        return html.escape(text)
+    out: list[str] = []
+    pos = 0
+    for m in _INLINE.finditer(text):
+        out.append(html.escape(text[pos : m.start()]))
+        out.append(_inline_html_match(m, depth + 1))
+        pos = m.end()
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+def _html_line(line: str) -> str:
+    prefix = ""
+    if quote := _QUOTE.fullmatch(line):
+        prefix, line = "&gt; " * quote["prefix"].count(">"), quote["rest"]
+    if _RULE.fullmatch(line):
+        return prefix + "<hr>"
+    if heading := _HEADING.fullmatch(line):
+        return f"{prefix}<strong>{_inline_html(heading['title'] or '')}</strong>"
+    if bullet := _BULLET.fullmatch(line):
+        indent = "&nbsp;" * len(bullet["indent"].expandtabs(4))
+        return f"{prefix}{indent}• {_inline_html(bullet['rest'])}"
+    return prefix + _inline_html(line)
+
+
+def markdown_to_html(text: str) -> str:
+    """Render Markdown as the small, safe HTML subset chat clients show (Matrix's
+    ``org.matrix.custom.html``). Everything is escaped first, so no markup is injected."""
+    out: list[str] = []
+    code: list[str] = []
+    fence: _Fence | None = None
+    language = ""
+    for line in text.split("\n"):
+        if fence is not None:
+            if fence.closed_by(line):
+                cls = f' class="language-{html.escape(language, quote=True)}"' if language else ""
+                out.append(f"<pre><code{cls}>{html.escape(chr(10).join(code))}</code></pre>")
+                fence, code = None, []
+            else:
+                code.append(line)
+        elif (opened := _open_fence(line)) is not None:
+            fence = opened
+            language = line.strip().lstrip("`~").strip().split(" ")[0]
+        else:
+            out.append(_html_line(line) + "<br>")
+    if fence is not None:  # an unclosed fence still renders as code
+        out.append(f"<pre><code>{html.escape(chr(10).join(code))}</code></pre>")
+    rendered = "\n".join(out)
+    while rendered.endswith("<br>"):
+        rendered = rendered[: -len("<br>")].rstrip("\n")
+    return rendered
 
 
 _ESCAPED = re.compile(r"[\\`*_{}\[\]()#+\-.!|>~<]")

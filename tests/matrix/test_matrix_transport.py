@@ -1,0 +1,218 @@
+"""The Matrix transport against a real Synapse homeserver, driven by a human nio client."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.agent import FakeAgent
+from nio import AsyncClient, JoinedMembersResponse, RoomCreateResponse, SyncResponse
+from synapse_server import SynapseServer
+
+from podbay.bot import Podbay
+from podbay.config import Settings
+from podbay.transports.matrix import MatrixTransport
+
+
+@pytest.fixture(scope="module")
+async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SynapseServer]:
+    server = SynapseServer(tmp_path_factory.mktemp("synapse"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@dataclass
+class Human:
+    """A person in a Matrix client: sends messages, reads the bot's notices."""
+
+    client: AsyncClient
+    notices: list[dict[str, Any]] = field(default_factory=list)
+    since: str | None = None
+
+    async def sync_once(self, timeout_ms: int = 1000) -> None:
+        response = await self.client.sync(
+            timeout=timeout_ms,
+            since=self.since,
+            sync_filter={"room": {"timeline": {"limit": 500}}},
+        )
+        assert isinstance(response, SyncResponse), response
+        self.since = response.next_batch
+        for room in response.rooms.join.values():
+            for event in room.timeline.events:
+                content = event.source.get("content", {})
+                if content.get("msgtype") == "m.notice":
+                    self.notices.append(content)
+
+    async def wait_for_notice(self, fragment: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for notice in self.notices:
+                if fragment in notice.get("body", ""):
+                    return notice
+            await self.sync_once()
+        raise AssertionError(f"no notice with {fragment!r}; got {self.notices}")
+
+    async def say(self, room_id: str, text: str) -> None:
+        response = await self.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": text}
+        )
+        assert hasattr(response, "event_id"), response
+
+
+@dataclass
+class MatrixWorld:
+    server: SynapseServer
+    bot_id: str
+    alice: Human
+    agent: FakeAgent
+    podbay: Podbay
+    transport: MatrixTransport
+
+
+async def human(server: SynapseServer, localpart: str) -> Human:
+    user_id = await server.register(localpart, "pw-" + localpart)
+    client = AsyncClient(server.url, user_id)
+    await client.login("pw-" + localpart)
+    person = Human(client)
+    await person.sync_once(0)
+    return person
+
+
+@pytest.fixture
+async def world(synapse: SynapseServer, tmp_path: Path) -> AsyncIterator[MatrixWorld]:
+    tag = secrets.token_hex(3)
+    bot_id = await synapse.register(f"podbay{tag}", "bot-password")
+    alice = await human(synapse, f"alice{tag}")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        access={"admins": [f"matrix:{alice.client.user_id}"]},
+        dispatcher={
+            "coalesce_window_ms": 300,
+            "max_window_ms": 2000,
+            "max_queued_messages": 100,
+        },
+        transports={
+            "matrix": {
+                "enabled": True,
+                "homeserver": synapse.url,
+                "user_id": bot_id,
+                "password": "bot-password",
+            }
+        },
+    )
+    transport = MatrixTransport(
+        settings.transports.matrix,
+        settings.data_dir,
+        lambda identity: identity == f"matrix:{alice.client.user_id}",
+    )
+    agent = FakeAgent(auto_release=0.05)
+    bot = Podbay(settings, transports=[transport], agent=agent, docker=False)
+    await bot.start()
+    await asyncio.wait_for(transport.ready.wait(), 30)
+    try:
+        yield MatrixWorld(synapse, bot_id, alice, agent, bot, transport)
+    finally:
+        await bot.stop()
+        await alice.client.close()
+
+
+async def dm_with_bot(world: MatrixWorld) -> str:
+    created = await world.alice.client.room_create(invite=[world.bot_id], is_direct=True)
+    assert isinstance(created, RoomCreateResponse), created
+    room_id = created.room_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        members = await world.alice.client.joined_members(room_id)
+        if isinstance(members, JoinedMembersResponse) and any(
+            m.user_id == world.bot_id for m in members.members
+        ):
+            return room_id
+        await asyncio.sleep(0.2)
+    raise AssertionError("the bot never joined")
+
+
+async def test_invited_bot_answers_help_and_status_with_html_notices(world: MatrixWorld) -> None:
+    room = await dm_with_bot(world)
+    await world.alice.say(room, "help")
+    notice = await world.alice.wait_for_notice("Commands:")
+    assert notice["format"] == "org.matrix.custom.html"
+    assert "<code>status [project]</code>" in notice["formatted_body"]
+    assert "`" not in notice["body"], "the plain body is rendered, not raw Markdown"
+    await world.alice.say(room, "!status")
+    status = await world.alice.wait_for_notice("Projects")
+    assert "<strong>Projects</strong>" in status["formatted_body"]
+
+
+async def test_a_burst_of_50_messages_reaches_the_agent_exactly_once(world: MatrixWorld) -> None:
+    room = await dm_with_bot(world)
+    sent = [f"burst message {i:02d}" for i in range(50)]
+    for text in sent:
+        await world.alice.say(room, text)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
+        if len(delivered) >= 50:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1)  # nothing more may trickle in
+    delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
+    assert sorted(delivered) == sent, "every message exactly once"
+    assert delivered == sent, "in order"
+    assert 1 <= len(world.agent.runs) < 50, "coalesced into a few runs"
+
+
+async def test_the_bot_never_processes_its_own_notices(world: MatrixWorld) -> None:
+    room = await dm_with_bot(world)
+    await world.alice.say(room, "explain the build")
+    await world.alice.wait_for_notice("echo: explain the build")
+    await asyncio.sleep(1.5)  # a sync or two later: the bot saw its own notice and skipped it
+    assert [r.request.prompt for r in world.agent.runs] == ["explain the build"]
+    store = world.podbay.store
+    assert store is not None
+    cursor = await store._db.execute(  # type: ignore[attr-defined]
+        "SELECT count(*) FROM inbox WHERE sender_id = ?", (world.bot_id,)
+    )
+    assert await cursor.fetchone() == (0,)
+
+
+async def test_a_user_missing_from_access_gets_nothing_executed(world: MatrixWorld) -> None:
+    mallory = await human(world.server, f"mallory{secrets.token_hex(3)}")
+    try:
+        room = await dm_with_bot(world)
+        invited = await world.alice.client.room_invite(room, mallory.client.user_id)
+        assert not hasattr(invited, "status_code"), invited
+        await mallory.client.join(room)
+        for text in ("status", "delete everything", "rewrite it in rust"):
+            await mallory.say(room, text)
+        refusal = await mallory.wait_for_notice("not allowed")
+        assert mallory.client.user_id in refusal["body"]
+        await asyncio.sleep(1.5)
+        await mallory.sync_once()
+        refusals = [n for n in mallory.notices if "not allowed" in n["body"]]
+        assert len(refusals) == 1
+        assert world.agent.runs == []
+        assert not any("Projects" in n["body"] for n in mallory.notices)
+    finally:
+        await mallory.client.close()
+
+
+async def test_invites_from_strangers_are_not_joined(world: MatrixWorld) -> None:
+    stranger = await human(world.server, f"stranger{secrets.token_hex(3)}")
+    try:
+        created = await stranger.client.room_create(invite=[world.bot_id])
+        assert isinstance(created, RoomCreateResponse)
+        await asyncio.sleep(2)
+        members = await stranger.client.joined_members(created.room_id)
+        assert isinstance(members, JoinedMembersResponse)
+        assert world.bot_id not in {m.user_id for m in members.members}
+    finally:
+        await stranger.client.close()

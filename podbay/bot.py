@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import IO
 
 from podbay.commands.catalog import build_registry
+from podbay.commands.registry import Registry
 from podbay.config import Settings
 from podbay.dispatcher import Dispatcher
 from podbay.engine.agents import Agent
@@ -43,12 +44,15 @@ class Podbay:
         transports: Sequence[Transport] = (),
         agent: Agent | None = None,
         docker: bool = True,
+        registry: Registry | None = None,
         shutdown_grace_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.transports = list(transports)
         self._agent = agent
         self._provisioner = DockerProvisioner() if docker else None
+        # Extra commands (plugins, tests) come as a registry built on build_registry().
+        self._registry = registry
         self._background: list[asyncio.Task[None]] = []
         self.shutdown_grace_s = (
             settings.dispatcher.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
@@ -84,7 +88,9 @@ class Podbay:
             self.engine = Engine(
                 self.store, self.settings, agent=self._agent, provisioner=self._provisioner
             )
-            registry = build_registry(self.settings.bot.name, self.settings.bot.aliases)
+            registry = self._registry or build_registry(
+                self.settings.bot.name, self.settings.bot.aliases
+            )
             self.dispatcher = Dispatcher(self.engine, registry, self.settings)
             for transport in self.transports:
                 self.dispatcher.attach(transport)

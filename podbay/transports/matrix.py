@@ -156,9 +156,15 @@ class MatrixTransport:
 
         backoff = Backoff()
         first = since is None
+        # nio keeps room state (members, names) in memory only: the first sync of every
+        # process asks for the full state, or DMs would look like group rooms after a restart.
+        full_state = True
         while True:
             response = await self._client.sync(
-                timeout=0 if first else 30000, sync_filter=self._filter(), since=since
+                timeout=0 if first else 30000,
+                sync_filter=self._filter(),
+                since=since,
+                full_state=full_state,
             )
             if not isinstance(response, SyncResponse):
                 delay = backoff.next_delay(_retry_after(response))
@@ -180,7 +186,7 @@ class MatrixTransport:
                 continue
             since = response.next_batch
             await asyncio.to_thread(self._save, next_batch=since)
-            first = False
+            first = full_state = False
             self.ready.set()
 
     async def _handle_invites(self, response: Any) -> None:
@@ -240,14 +246,14 @@ class MatrixTransport:
         return gathered
 
     async def _event(self, room_id: str, event: Any, catching_up: bool) -> str:
-        from nio import RoomMessageText, UnknownEvent
+        from nio import RoomMessageText
 
         if getattr(event, "sender", None) == self.user_id:
             return "own"
         sent_at = getattr(event, "server_timestamp", 0) / 1000
         if sent_at and sent_at < self._started_at:
             return "history"  # from before podbay first started: never answered
-        if isinstance(event, UnknownEvent) and event.type == "m.reaction":
+        if event.source.get("type") == "m.reaction":  # nio's class for it varies by version
             return await self._reaction(room_id, event)
         if not isinstance(event, RoomMessageText):
             return "ignored"

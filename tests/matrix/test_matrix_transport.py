@@ -20,9 +20,9 @@ from podbay.config import Settings
 from podbay.transports.matrix import MatrixTransport
 
 
-@pytest.fixture(scope="module")
-async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SynapseServer]:
-    server = SynapseServer(tmp_path_factory.mktemp("synapse"))
+@pytest.fixture
+async def synapse(tmp_path: Path) -> AsyncIterator[SynapseServer]:
+    server = SynapseServer(tmp_path / "synapse")
     await server.start()
     try:
         yield server
@@ -50,7 +50,7 @@ class Human:
             for event in room.timeline.events:
                 content = event.source.get("content", {})
                 if content.get("msgtype") == "m.notice":
-                    self.notices.append(content)
+                    self.notices.append({**content, "event_id": event.event_id})
 
     async def wait_for_notice(self, fragment: str, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -181,7 +181,8 @@ async def test_the_bot_never_processes_its_own_notices(world: MatrixWorld) -> No
     cursor = await store._db.execute(  # type: ignore[attr-defined]
         "SELECT count(*) FROM inbox WHERE sender_id = ?", (world.bot_id,)
     )
-    assert await cursor.fetchone() == (0,)
+    row = await cursor.fetchone()
+    assert row is not None and tuple(row) == (0,)
 
 
 async def test_a_user_missing_from_access_gets_nothing_executed(world: MatrixWorld) -> None:
@@ -216,3 +217,115 @@ async def test_invites_from_strangers_are_not_joined(world: MatrixWorld) -> None
         assert world.bot_id not in {m.user_id for m in members.members}
     finally:
         await stranger.client.close()
+
+
+async def test_restart_answers_nothing_twice_and_processes_what_came_meanwhile(
+    world: MatrixWorld,
+) -> None:
+    room = await dm_with_bot(world)
+    await world.alice.say(room, "before the restart")
+    await world.alice.wait_for_notice("echo: before the restart")
+    await world.podbay.stop()
+    await world.alice.say(room, "while podbay was down")
+    settings = world.podbay.settings
+    transport = MatrixTransport(
+        settings.transports.matrix,
+        settings.data_dir,
+        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
+    )
+    again = Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    await again.start()
+    try:
+        await world.alice.wait_for_notice("echo: while podbay was down")
+        await asyncio.sleep(1.5)
+        prompts = [r.request.prompt for r in world.agent.runs]
+        assert prompts == ["before the restart", "while podbay was down"]
+        state = (settings.data_dir / "matrix" / "state.json").read_text()
+        assert "access_token" in state and "next_batch" in state
+    finally:
+        await again.stop()
+
+
+async def test_confirmation_by_reaction_from_the_requester_only(
+    synapse: SynapseServer, tmp_path: Path
+) -> None:
+    from podbay.commands.catalog import build_registry
+    from podbay.commands.context import CommandContext
+    from podbay.commands.registry import CommandSpec, Invocation, Positional
+    from podbay.commands.roles import Role
+
+    tag = secrets.token_hex(3)
+    bot_id = await synapse.register(f"podbay{tag}", "bot-password")
+    alice = await human(synapse, f"alice{tag}")
+    bob = await human(synapse, f"bob{tag}")
+    done: list[str] = []
+
+    async def wipe(ctx: CommandContext, inv: Invocation) -> None:
+        async def action() -> None:
+            done.append(inv.args["thing"])
+            await ctx.reply(f"wiped {inv.args['thing']}")
+
+        await ctx.propose(f"Wipe {inv.args['thing']}?", action)
+
+    registry = build_registry()
+    registry.add(
+        CommandSpec(
+            "wipe", "test", wipe, kind="job", role=Role.OPERATOR,
+            positionals=(Positional("thing"),),
+        )
+    )  # fmt: skip
+    allowed = {f"matrix:{alice.client.user_id}", f"matrix:{bob.client.user_id}"}
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        access={"admins": sorted(allowed)},
+        transports={
+            "matrix": {
+                "enabled": True,
+                "homeserver": synapse.url,
+                "user_id": bot_id,
+                "password": "bot-password",
+            }
+        },
+    )
+    transport = MatrixTransport(settings.transports.matrix, settings.data_dir, allowed.__contains__)
+    bot = Podbay(settings, transports=[transport], agent=FakeAgent(0.0), docker=False,
+                 registry=registry)  # fmt: skip
+    await bot.start()
+    try:
+        await asyncio.wait_for(transport.ready.wait(), 30)
+        created = await alice.client.room_create(invite=[bot_id, bob.client.user_id])
+        assert isinstance(created, RoomCreateResponse)
+        room = created.room_id
+        await bob.client.join(room)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            members = await alice.client.joined_members(room)
+            if isinstance(members, JoinedMembersResponse) and bot_id in {
+                m.user_id for m in members.members
+            }:
+                break
+            await asyncio.sleep(0.2)
+        await alice.say(room, "!wipe cache")
+        await alice.wait_for_notice("Reply confirm")
+        prompt = await alice.wait_for_notice("Wipe cache?")
+        prompt_id = prompt["event_id"]
+
+        async def react(person: Human) -> None:
+            await person.client.room_send(
+                room,
+                "m.reaction",
+                {"m.relates_to": {"rel_type": "m.annotation", "event_id": prompt_id, "key": "✅"}},
+            )
+
+        await react(bob)
+        await asyncio.sleep(2)
+        assert done == [], "someone else's reaction is ignored"
+        await alice.sync_once()
+        assert not any("Only" in n["body"] for n in alice.notices)
+        await react(alice)
+        await alice.wait_for_notice("wiped cache")
+        assert done == ["cache"]
+    finally:
+        await bot.stop()
+        await alice.client.close()
+        await bob.client.close()

@@ -264,6 +264,8 @@ class Dispatcher:
         outcome, note = "ok", ""
         status: InboxStatus = "done"
         try:
+            if self.registry.has_secret(inbound.text):
+                await self._redact_secret(inbound)
             if self.registry.has_secret(inbound.text) and not inbound.is_direct:
                 kind = "control"
                 raise UserError(
@@ -323,6 +325,24 @@ class Dispatcher:
                 target=next(iter(invocation.args.values()), ""),
                 detail=self.registry.redact(inbound.text)[:500],
             )
+
+    async def _redact_secret(self, inbound: Inbound) -> None:
+        """Remove a message carrying a secret from the chat history, where podbay can."""
+        transport = self._transports.get(inbound.session.transport)
+        redact = getattr(transport, "redact", None)
+        if transport is None or not transport.capabilities.redaction or redact is None:
+            return
+        try:
+            done = await redact(inbound.session, inbound.platform_id, "contained a secret")
+        except Exception:
+            log.warning("redacting a secret in %s failed", inbound.session, exc_info=True)
+            done = False
+        note = (
+            "I redacted your message because it contained a secret."
+            if done
+            else "Your message contains a secret and I could not redact it: delete it yourself."
+        )
+        await self.send(inbound.session, Reply(note, "info"))
 
     async def _deny(self, inbound: Inbound) -> None:
         self.stats["denied"] += 1

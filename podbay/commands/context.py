@@ -20,8 +20,10 @@ Edit = Callable[[MessageRef, Reply], Awaitable[MessageRef | None]]
 
 
 class ProgressMessage:
-    """Progress of a long job: one message edited in place where the transport can edit,
-    otherwise at most one new message per ``interval_s`` (the newest text wins)."""
+    """Progress of a long job: one message edited in place (at most every 1.5 s) where the
+    transport can edit, otherwise at most one new message per ``interval_s``."""
+
+    edit_interval_s = 1.5
 
     def __init__(
         self,
@@ -42,13 +44,16 @@ class ProgressMessage:
 
     async def update(self, text: str) -> None:
         reply = Reply(text, "progress")
+        now = self._clock()
         if self._edit is not None:
             if self._ref is None:
                 self._ref = await self._send(self._session, reply)
-            else:
+                self._last_sent = now
+            elif self._last_sent is None or now - self._last_sent >= self.edit_interval_s:
+                # Edits are cheap but not free: at most one per edit_interval_s.
+                self._last_sent = now
                 self._ref = await self._edit(self._ref, reply) or self._ref
             return
-        now = self._clock()
         if self._last_sent is None or now - self._last_sent >= self._interval:
             self._last_sent = now
             await self._send(self._session, reply)

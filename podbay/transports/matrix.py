@@ -81,6 +81,7 @@ class MatrixTransport:
         self.user_id = config.user_id
         self.ready = asyncio.Event()
         self._started_at = 0.0
+        self._warned_encrypted: set[str] = set()
 
     # -- persistence ------------------------------------------------------------------
 
@@ -215,6 +216,8 @@ class MatrixTransport:
             for event in events:
                 handled = await self._event(room_id, event, catching_up)
                 missed = missed or handled == "missed"
+            if self.config.leave_when_alone and await self._leave_if_alone(room_id):
+                continue
             if missed:
                 await self.send(
                     SessionKey("matrix", room_id),
@@ -224,6 +227,24 @@ class MatrixTransport:
                         "error",
                     ),
                 )
+
+    async def _leave_if_alone(self, room_id: str) -> bool:
+        """Leave a room in which no user from [access] is left (after someone left)."""
+        room = self._client.rooms.get(room_id)
+        if room is None or not room.users:
+            return False
+        others = [u for u in room.users if u != self.user_id]
+        if any(self.is_allowed(f"matrix:{u}") for u in others):
+            return False
+        log.info("leaving %s: no user from [access] remains", room_id)
+        await self._retry("leave", partial(self._client.room_leave, room_id))
+        return True
+
+    async def redact(self, session: SessionKey, platform_id: str, reason: str) -> bool:
+        from nio import RoomRedactResponse
+
+        response = await self._client.room_redact(session.conversation, platform_id, reason)
+        return isinstance(response, RoomRedactResponse)
 
     async def _backfill(self, room_id: str, prev_batch: str) -> list[Any]:
         """Events the limited timeline skipped, oldest first (the inbox drops repeats)."""
@@ -255,6 +276,19 @@ class MatrixTransport:
             return "history"  # from before podbay first started: never answered
         if event.source.get("type") == "m.reaction":  # nio's class for it varies by version
             return await self._reaction(room_id, event)
+        if event.source.get("type") == "m.room.encrypted":
+            if room_id not in self._warned_encrypted:
+                self._warned_encrypted.add(room_id)
+                log.warning("room %s is encrypted; podbay cannot read it", room_id)
+                await self.send(
+                    SessionKey("matrix", room_id),
+                    Reply(
+                        "This room is end-to-end encrypted, which podbay does not support yet: "
+                        "it cannot read messages here. Talk to podbay in an unencrypted room.",
+                        "error",
+                    ),
+                )
+            return "encrypted"
         if not isinstance(event, RoomMessageText):
             return "ignored"
         if catching_up and time.time() - sent_at > self.config.catch_up_max_age_s:

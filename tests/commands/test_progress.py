@@ -20,13 +20,21 @@ class Recorder:
         return ref
 
 
-async def test_progress_edits_one_message_in_place_where_the_transport_can() -> None:
+async def test_progress_edits_one_message_in_place_at_most_every_1_5_s() -> None:
     rec = Recorder()
-    progress = ProgressMessage(ROOM, rec.send, rec.edit)
-    for step in ("step 1", "step 2", "step 3"):
+    now = [0.0]
+    progress = ProgressMessage(ROOM, rec.send, rec.edit, clock=lambda: now[0])
+    for t, step in [
+        (0, "step 1"),
+        (1.0, "step 2"),
+        (2.0, "step 3"),
+        (2.5, "step 4"),
+        (3.6, "step 5"),
+    ]:
+        now[0] = t
         await progress.update(step)
     assert rec.sent == ["step 1"]
-    assert rec.edited == [("m1", "step 2"), ("m1", "step 3")]
+    assert rec.edited == [("m1", "step 3"), ("m1", "step 5")]
 
 
 async def test_progress_sends_at_most_one_message_per_interval_without_edits() -> None:

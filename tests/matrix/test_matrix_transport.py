@@ -329,3 +329,70 @@ async def test_confirmation_by_reaction_from_the_requester_only(
         await bot.stop()
         await alice.client.close()
         await bob.client.close()
+
+
+async def test_a_token_in_a_group_room_is_redacted_and_refused(world: MatrixWorld) -> None:
+    carol = await human(world.server, f"carol{secrets.token_hex(3)}")
+    try:
+        created = await world.alice.client.room_create(
+            invite=[world.bot_id, carol.client.user_id],
+            # Everyone may redact here, podbay included (it has no elevated power level).
+            power_level_override={"redact": 0},
+        )
+        assert isinstance(created, RoomCreateResponse)
+        room = created.room_id
+        await carol.client.join(room)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            members = await world.alice.client.joined_members(room)
+            if isinstance(members, JoinedMembersResponse) and world.bot_id in {
+                m.user_id for m in members.members
+            }:
+                break
+            await asyncio.sleep(0.2)
+        token = "ghp_" + "s" * 30
+        response = await world.alice.client.room_send(
+            room, "m.room.message", {"msgtype": "m.text", "body": f"!new project x --token {token}"}
+        )
+        event_id = response.event_id  # type: ignore[union-attr]
+        await world.alice.wait_for_notice("I redacted your message")
+        await world.alice.wait_for_notice("private 1:1")
+        context = await world.alice.client.room_context(room, event_id, limit=0)
+        assert context.event.source.get("content", {}) == {}, "the message is redacted"  # type: ignore[union-attr]
+        assert all(token not in n["body"] for n in world.alice.notices)
+    finally:
+        await carol.client.close()
+
+
+async def test_an_encrypted_room_is_announced_not_ignored(world: MatrixWorld) -> None:
+    created = await world.alice.client.room_create(
+        invite=[world.bot_id],
+        initial_state=[
+            {
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }
+        ],
+    )
+    assert isinstance(created, RoomCreateResponse)
+    room = created.room_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        members = await world.alice.client.joined_members(room)
+        if isinstance(members, JoinedMembersResponse) and world.bot_id in {
+            m.user_id for m in members.members
+        }:
+            break
+        await asyncio.sleep(0.2)
+    # A client without encryption support sends what an encrypting client would: an
+    # m.room.encrypted event (its ciphertext is irrelevant: podbay cannot read it anyway).
+    await world.alice.client.room_send(
+        room,
+        "m.room.encrypted",
+        {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA", "sender_key": "k",
+         "session_id": "s", "device_id": "D"},
+    )  # fmt: skip
+    notice = await world.alice.wait_for_notice("end-to-end encrypted")
+    assert "not support" in notice["body"]
+    assert world.agent.runs == []

@@ -396,3 +396,71 @@ async def test_an_encrypted_room_is_announced_not_ignored(world: MatrixWorld) ->
     notice = await world.alice.wait_for_notice("end-to-end encrypted")
     assert "not support" in notice["body"]
     assert world.agent.runs == []
+
+
+async def test_messages_older_than_the_catch_up_age_get_one_missed_reply(
+    world: MatrixWorld,
+) -> None:
+    room = await dm_with_bot(world)
+    await world.alice.say(room, "hello")
+    await world.alice.wait_for_notice("echo: hello")
+    await world.podbay.stop()
+    settings = world.podbay.settings
+    settings.transports.matrix.catch_up_max_age_s = 1
+    await world.alice.say(room, "stale one")
+    await world.alice.say(room, "stale two")
+    await asyncio.sleep(2.5)
+    transport = MatrixTransport(
+        settings.transports.matrix,
+        settings.data_dir,
+        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
+    )
+    again = Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    await again.start()
+    try:
+        await world.alice.wait_for_notice("missed while offline")
+        await asyncio.sleep(1.5)
+        await world.alice.sync_once()
+        assert len([n for n in world.alice.notices if "missed while" in n["body"]]) == 1
+        assert [r.request.prompt for r in world.agent.runs] == ["hello"]
+    finally:
+        await again.stop()
+
+
+async def test_the_bot_leaves_a_room_where_no_allowed_user_remains(world: MatrixWorld) -> None:
+    carol = await human(world.server, f"carol{secrets.token_hex(3)}")
+    try:
+        created = await world.alice.client.room_create(invite=[world.bot_id, carol.client.user_id])
+        assert isinstance(created, RoomCreateResponse)
+        room = created.room_id
+        await carol.client.join(room)
+
+        async def bot_in_room() -> bool:
+            members = await carol.client.joined_members(room)
+            assert isinstance(members, JoinedMembersResponse)
+            return world.bot_id in {m.user_id for m in members.members}
+
+        deadline = time.monotonic() + 30
+        while not await bot_in_room():
+            assert time.monotonic() < deadline, "the bot never joined"
+            await asyncio.sleep(0.2)
+        await world.alice.client.room_leave(room)
+        deadline = time.monotonic() + 30
+        while await bot_in_room():
+            assert time.monotonic() < deadline, "the bot stayed with nobody it serves"
+            await asyncio.sleep(0.2)
+    finally:
+        await carol.client.close()
+
+
+def test_backoff_grows_with_jitter_is_capped_and_honours_retry_after() -> None:
+    from podbay.transports.matrix import Backoff
+
+    backoff = Backoff(base=0.5, cap=8)
+    delays = [backoff.next_delay() for _ in range(8)]
+    ceilings = [min(8, 0.5 * 2**i) for i in range(8)]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert max(delays) <= 8
+    assert backoff.next_delay(retry_after_ms=2500) == 2.5
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5

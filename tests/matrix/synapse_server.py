@@ -66,6 +66,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _child_environment(directory: Path) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        # The test run's warning and debug switches are for the tests, not for Synapse.
+        if key not in {"PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONTRACEMALLOC", "PYTHONASYNCIODEBUG"}
+    }
+    # Synapse works out a git-aware version string by running git in its install
+    # directory; when the venv sits inside the project's checkout, ``git describe
+    # --dirty`` would refresh (write) the project's index. Point git at nothing.
+    env["GIT_DIR"] = str(directory / "no-such-git-dir")
+    env["GIT_CEILING_DIRECTORIES"] = str(directory)
+    return env
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -181,6 +196,7 @@ class SynapseServer:
                 return subprocess.Popen(
                     [sys.executable, "-m", "synapse.app.homeserver", "-c", "homeserver.yaml"],
                     cwd=self.directory,
+                    env=_child_environment(self.directory),
                     stdin=subprocess.DEVNULL,
                     stdout=output,
                     stderr=output,

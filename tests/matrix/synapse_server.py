@@ -77,7 +77,6 @@ def _child_environment(directory: Path) -> dict[str, str]:
     # directory; when the venv sits inside the project's checkout, ``git describe
     # --dirty`` would refresh (write) the project's index. Point git at nothing.
     env["GIT_DIR"] = str(directory / "no-such-git-dir")
-    env["GIT_CEILING_DIRECTORIES"] = str(directory)
     return env
 
 

@@ -464,3 +464,36 @@ def test_backoff_grows_with_jitter_is_capped_and_honours_retry_after() -> None:
     assert backoff.next_delay(retry_after_ms=2500) == 2.5
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+async def test_a_burst_larger_than_the_sync_limit_is_backfilled(world: MatrixWorld) -> None:
+    room = await dm_with_bot(world)
+    await world.alice.say(room, "warm up")
+    await world.alice.wait_for_notice("echo: warm up")
+    # While podbay is down 40 messages pile up; its next sync (limit 10) comes back limited.
+    await world.podbay.stop()
+    settings = world.podbay.settings
+    settings.transports.matrix.sync_timeline_limit = 10
+    sent = [f"flood {i:02d}" for i in range(40)]
+    for text in sent:
+        await world.alice.say(room, text)
+    transport = MatrixTransport(
+        settings.transports.matrix,
+        settings.data_dir,
+        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
+    )
+    world.agent.runs.clear()
+    again = Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    await again.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
+            if len(delivered) >= 40:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)
+        delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
+        assert sorted(delivered) == sent, "the limited timeline was backfilled"
+    finally:
+        await again.stop()

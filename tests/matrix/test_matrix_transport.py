@@ -497,3 +497,56 @@ async def test_a_burst_larger_than_the_sync_limit_is_backfilled(world: MatrixWor
         assert sorted(delivered) == sent, "the limited timeline was backfilled"
     finally:
         await again.stop()
+
+
+async def test_messages_from_before_the_first_start_are_never_answered(
+    synapse: SynapseServer, tmp_path: Path
+) -> None:
+    tag = secrets.token_hex(3)
+    bot_id = await synapse.register(f"podbay{tag}", "bot-password")
+    alice = await human(synapse, f"alice{tag}")
+    created = await alice.client.room_create()
+    assert isinstance(created, RoomCreateResponse)
+    room = created.room_id
+    await alice.say(room, "ancient history, before podbay ever ran")
+    await asyncio.sleep(1.1)  # Matrix timestamps are in ms: keep the order unambiguous
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        access={"admins": [f"matrix:{alice.client.user_id}"]},
+        dispatcher={"coalesce_window_ms": 100, "max_window_ms": 500},
+        transports={
+            "matrix": {
+                "enabled": True,
+                "homeserver": synapse.url,
+                "user_id": bot_id,
+                "password": "bot-password",
+                "ambient_rooms": [room],
+            }
+        },
+    )
+    transport = MatrixTransport(
+        settings.transports.matrix,
+        settings.data_dir,
+        lambda identity: identity == f"matrix:{alice.client.user_id}",
+    )
+    agent = FakeAgent(auto_release=0.0)
+    bot = Podbay(settings, transports=[transport], agent=agent, docker=False)
+    await bot.start()
+    try:
+        await asyncio.wait_for(transport.ready.wait(), 30)
+        await alice.client.room_invite(room, bot_id)
+        deadline = time.monotonic() + 30
+        while True:
+            members = await alice.client.joined_members(room)
+            assert isinstance(members, JoinedMembersResponse)
+            if bot_id in {m.user_id for m in members.members}:
+                break
+            assert time.monotonic() < deadline, "the bot never joined"
+            await asyncio.sleep(0.2)
+        await alice.say(room, "fresh request")
+        await alice.wait_for_notice("echo: fresh request")
+        await asyncio.sleep(1)
+        assert [r.request.prompt for r in agent.runs] == ["fresh request"]
+    finally:
+        await bot.stop()
+        await alice.client.close()

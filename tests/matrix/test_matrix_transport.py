@@ -125,19 +125,35 @@ async def world(synapse: SynapseServer, tmp_path: Path) -> AsyncIterator[MatrixW
         await alice.client.close()
 
 
+async def wait_until_member(client: AsyncClient, room_id: str, user_id: str) -> None:
+    """Wait until ``user_id`` has joined ``room_id`` (as seen by ``client``)."""
+    deadline = time.monotonic() + 30
+    while True:
+        members = await client.joined_members(room_id)
+        if isinstance(members, JoinedMembersResponse) and user_id in {
+            m.user_id for m in members.members
+        }:
+            return
+        assert time.monotonic() < deadline, f"{user_id} never joined {room_id}"
+        await asyncio.sleep(0.2)
+
+
+def restarted(world: MatrixWorld) -> Podbay:
+    """A new podbay on the same data dir, as after a process restart (start it yourself)."""
+    settings = world.podbay.settings
+    transport = MatrixTransport(
+        settings.transports.matrix,
+        settings.data_dir,
+        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
+    )
+    return Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+
+
 async def dm_with_bot(world: MatrixWorld) -> str:
     created = await world.alice.client.room_create(invite=[world.bot_id], is_direct=True)
     assert isinstance(created, RoomCreateResponse), created
-    room_id = created.room_id
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        members = await world.alice.client.joined_members(room_id)
-        if isinstance(members, JoinedMembersResponse) and any(
-            m.user_id == world.bot_id for m in members.members
-        ):
-            return room_id
-        await asyncio.sleep(0.2)
-    raise AssertionError("the bot never joined")
+    await wait_until_member(world.alice.client, created.room_id, world.bot_id)
+    return created.room_id
 
 
 async def test_invited_bot_answers_help_and_status_with_html_notices(world: MatrixWorld) -> None:
@@ -228,12 +244,7 @@ async def test_restart_answers_nothing_twice_and_processes_what_came_meanwhile(
     await world.podbay.stop()
     await world.alice.say(room, "while podbay was down")
     settings = world.podbay.settings
-    transport = MatrixTransport(
-        settings.transports.matrix,
-        settings.data_dir,
-        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
-    )
-    again = Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    again = restarted(world)
     await again.start()
     try:
         await world.alice.wait_for_notice("echo: while podbay was down")
@@ -297,14 +308,7 @@ async def test_confirmation_by_reaction_from_the_requester_only(
         assert isinstance(created, RoomCreateResponse)
         room = created.room_id
         await bob.client.join(room)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            members = await alice.client.joined_members(room)
-            if isinstance(members, JoinedMembersResponse) and bot_id in {
-                m.user_id for m in members.members
-            }:
-                break
-            await asyncio.sleep(0.2)
+        await wait_until_member(alice.client, room, bot_id)
         await alice.say(room, "!wipe cache")
         await alice.wait_for_notice("Reply confirm")
         prompt = await alice.wait_for_notice("Wipe cache?")
@@ -342,14 +346,7 @@ async def test_a_token_in_a_group_room_is_redacted_and_refused(world: MatrixWorl
         assert isinstance(created, RoomCreateResponse)
         room = created.room_id
         await carol.client.join(room)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            members = await world.alice.client.joined_members(room)
-            if isinstance(members, JoinedMembersResponse) and world.bot_id in {
-                m.user_id for m in members.members
-            }:
-                break
-            await asyncio.sleep(0.2)
+        await wait_until_member(world.alice.client, room, world.bot_id)
         token = "ghp_" + "s" * 30
         response = await world.alice.client.room_send(
             room, "m.room.message", {"msgtype": "m.text", "body": f"!new project x --token {token}"}
@@ -377,14 +374,7 @@ async def test_an_encrypted_room_is_announced_not_ignored(world: MatrixWorld) ->
     )
     assert isinstance(created, RoomCreateResponse)
     room = created.room_id
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        members = await world.alice.client.joined_members(room)
-        if isinstance(members, JoinedMembersResponse) and world.bot_id in {
-            m.user_id for m in members.members
-        }:
-            break
-        await asyncio.sleep(0.2)
+    await wait_until_member(world.alice.client, room, world.bot_id)
     # A client without encryption support sends what an encrypting client would: an
     # m.room.encrypted event (its ciphertext is irrelevant: podbay cannot read it anyway).
     await world.alice.client.room_send(
@@ -410,12 +400,7 @@ async def test_messages_older_than_the_catch_up_age_get_one_missed_reply(
     await world.alice.say(room, "stale one")
     await world.alice.say(room, "stale two")
     await asyncio.sleep(2.5)
-    transport = MatrixTransport(
-        settings.transports.matrix,
-        settings.data_dir,
-        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
-    )
-    again = Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    again = restarted(world)
     await again.start()
     try:
         await world.alice.wait_for_notice("missed while offline")
@@ -440,10 +425,7 @@ async def test_the_bot_leaves_a_room_where_no_allowed_user_remains(world: Matrix
             assert isinstance(members, JoinedMembersResponse)
             return world.bot_id in {m.user_id for m in members.members}
 
-        deadline = time.monotonic() + 30
-        while not await bot_in_room():
-            assert time.monotonic() < deadline, "the bot never joined"
-            await asyncio.sleep(0.2)
+        await wait_until_member(carol.client, room, world.bot_id)
         await world.alice.client.room_leave(room)
         deadline = time.monotonic() + 30
         while await bot_in_room():
@@ -477,13 +459,8 @@ async def test_a_burst_larger_than_the_sync_limit_is_backfilled(world: MatrixWor
     sent = [f"flood {i:02d}" for i in range(40)]
     for text in sent:
         await world.alice.say(room, text)
-    transport = MatrixTransport(
-        settings.transports.matrix,
-        settings.data_dir,
-        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
-    )
     world.agent.runs.clear()
-    again = Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    again = restarted(world)
     await again.start()
     try:
         deadline = time.monotonic() + 60
@@ -535,14 +512,7 @@ async def test_messages_from_before_the_first_start_are_never_answered(
     try:
         await asyncio.wait_for(transport.ready.wait(), 30)
         await alice.client.room_invite(room, bot_id)
-        deadline = time.monotonic() + 30
-        while True:
-            members = await alice.client.joined_members(room)
-            assert isinstance(members, JoinedMembersResponse)
-            if bot_id in {m.user_id for m in members.members}:
-                break
-            assert time.monotonic() < deadline, "the bot never joined"
-            await asyncio.sleep(0.2)
+        await wait_until_member(alice.client, room, bot_id)
         await alice.say(room, "fresh request")
         await alice.wait_for_notice("echo: fresh request")
         await asyncio.sleep(1)

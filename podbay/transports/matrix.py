@@ -82,6 +82,7 @@ class MatrixTransport:
         self.ready = asyncio.Event()
         self._started_at = 0.0
         self._warned_encrypted: set[str] = set()
+        self.typing_timeout_ms = TYPING_TIMEOUT_MS
 
     # -- persistence ------------------------------------------------------------------
 
@@ -425,8 +426,8 @@ class MatrixTransport:
         # Typing notices expire after their timeout; renew before that while work goes on.
         while True:
             with contextlib.suppress(Exception):
-                await self._client.room_typing(room, True, timeout=TYPING_TIMEOUT_MS)
-            await asyncio.sleep(TYPING_TIMEOUT_MS / 1000 * 0.66)
+                await self._client.room_typing(room, True, timeout=self.typing_timeout_ms)
+            await asyncio.sleep(self.typing_timeout_ms / 1000 * 0.66)
 
 
 def _retry_after(response: Any) -> int | None:

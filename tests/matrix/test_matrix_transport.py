@@ -520,3 +520,51 @@ async def test_messages_from_before_the_first_start_are_never_answered(
     finally:
         await bot.stop()
         await alice.client.close()
+
+
+async def test_typing_is_shown_and_renewed_while_the_agent_works(world: MatrixWorld) -> None:
+    from nio import TypingNoticeEvent
+
+    world.transport.typing_timeout_ms = 1500  # renewed every ~1 s; expires 1.5 s after a stop
+    world.agent.auto_release = None  # the run lasts until released
+    room = await dm_with_bot(world)
+
+    async def typing_users() -> set[str]:
+        # A fresh initial sync reports who is typing now (an incremental one only changes).
+        alice = world.alice.client
+        observer = AsyncClient(world.server.url, alice.user_id)
+        observer.restore_login(alice.user_id, alice.device_id, alice.access_token)
+        try:
+            response = await observer.sync(timeout=0)
+        finally:
+            await observer.close()
+        assert isinstance(response, SyncResponse)
+        joined = response.rooms.join.get(room)
+        users: set[str] = set()
+        for event in joined.ephemeral if joined else []:
+            if isinstance(event, TypingNoticeEvent):
+                users = set(event.users)
+        return users
+
+    await world.alice.say(room, "think for a while")
+    run = await world.agent.next_started(timeout=30)
+    assert world.bot_id in await typing_users()
+    await asyncio.sleep(3)  # twice the typing timeout: only renewal keeps it on
+    assert world.bot_id in await typing_users()
+    world.transport.typing_timeout_ms = 60000  # from now on only an explicit stop clears it
+    await asyncio.sleep(1.2)  # the renewal loop picks up the long timeout
+    await world.alice.sync_once(0)  # typing changes are reported from here on
+    run.release.set()
+    await world.alice.wait_for_notice("echo: think for a while")
+    deadline = time.monotonic() + 10
+    while True:
+        response = await world.alice.client.sync(timeout=500, since=world.alice.since)
+        assert isinstance(response, SyncResponse)
+        world.alice.since = response.next_batch
+        joined = response.rooms.join.get(room)
+        changes = [
+            e for e in (joined.ephemeral if joined else []) if isinstance(e, TypingNoticeEvent)
+        ]
+        if changes and world.bot_id not in changes[-1].users:
+            break
+        assert time.monotonic() < deadline, "typing was never switched off"

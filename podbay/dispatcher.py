@@ -264,9 +264,10 @@ class Dispatcher:
         outcome, note = "ok", ""
         status: InboxStatus = "done"
         try:
-            if self.registry.has_secret(inbound.text):
+            carries_secret = self.registry.has_secret(inbound.text)
+            if carries_secret:
                 await self._redact_secret(inbound)
-            if self.registry.has_secret(inbound.text) and not inbound.is_direct:
+            if carries_secret and not inbound.is_direct:
                 kind = "control"
                 raise UserError(
                     "Secrets such as `--token` are accepted only in a private 1:1 conversation "
@@ -438,8 +439,12 @@ class Dispatcher:
     async def _run(self, state: _Session, batch: list[Pending]) -> None:
         ids = [p.inbox_id for p in batch]
         prompt = compose_prompt(batch)
-        project = await self.engine.active_project(state.key)
         session_row = await self.store.session_get(state.key)
+        project = (
+            await self.store.project_get(session_row.active_project)
+            if session_row.active_project
+            else None
+        )
         agent = self.engine.agent
         run_id = await self.store.run_create(
             state.key, project.name if project else "", prompt, agent.name

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from podbay import __version__
 from podbay.bot import Podbay, database_path
-from podbay.commands.roles import role_for
 from podbay.commands.status import render_status
 from podbay.config import DEFAULT_CONFIG_PATH, Settings, default_config_toml, load_settings
 from podbay.engine.core import Engine
@@ -193,17 +192,10 @@ def _enabled_transports(settings: Settings) -> list[Transport]:
     transports: list[Transport] = []
     if settings.transports.console.enabled:
         transports.append(ConsoleTransport())
-    matrix = settings.transports.matrix
-    if matrix.enabled:
+    if settings.transports.matrix.enabled:
         from podbay.transports.matrix import MatrixTransport
 
-        transports.append(
-            MatrixTransport(
-                matrix,
-                settings.data_dir,
-                lambda identity: role_for(identity, settings.access) is not None,
-            )
-        )
+        transports.append(MatrixTransport.from_settings(settings))
     return transports or [ConsoleTransport()]
 
 

@@ -24,7 +24,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from podbay.config import MatrixTransportConfig
+from podbay.commands.roles import role_for
+from podbay.config import MatrixTransportConfig, Settings
 from podbay.errors import TransportError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.transports.base import Capabilities, Submit
@@ -83,6 +84,15 @@ class MatrixTransport:
         self._started_at = 0.0
         self._warned_encrypted: set[str] = set()
         self.typing_timeout_ms = TYPING_TIMEOUT_MS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MatrixTransport:
+        """The transport ``[transports.matrix]`` describes; invites follow ``[access]``."""
+        return cls(
+            settings.transports.matrix,
+            settings.data_dir,
+            lambda identity: role_for(identity, settings.access) is not None,
+        )
 
     # -- persistence ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from nio import AsyncClient, JoinedMembersResponse, RoomCreateResponse, SyncResp
 from synapse_server import SynapseServer
 
 from podbay.bot import Podbay
+from podbay.commands.registry import Registry
 from podbay.config import Settings
 from podbay.transports.matrix import MatrixTransport
 
@@ -87,35 +88,68 @@ async def human(server: SynapseServer, localpart: str) -> Human:
     return person
 
 
-@pytest.fixture
-async def world(synapse: SynapseServer, tmp_path: Path) -> AsyncIterator[MatrixWorld]:
-    tag = secrets.token_hex(3)
-    bot_id = await synapse.register(f"podbay{tag}", "bot-password")
-    alice = await human(synapse, f"alice{tag}")
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        access={"admins": [f"matrix:{alice.client.user_id}"]},
-        dispatcher={
-            "coalesce_window_ms": 300,
-            "max_window_ms": 2000,
-            "max_queued_messages": 100,
-        },
+def bot_settings(
+    synapse: SynapseServer,
+    data_dir: Path,
+    bot_id: str,
+    admins: list[str],
+    dispatcher: dict[str, int] | None = None,
+    **matrix: object,
+) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        access={"admins": admins},
+        dispatcher=dispatcher or {"coalesce_window_ms": 100, "max_window_ms": 500},
         transports={
             "matrix": {
                 "enabled": True,
                 "homeserver": synapse.url,
                 "user_id": bot_id,
                 "password": "bot-password",
+                **matrix,
             }
         },
     )
-    transport = MatrixTransport(
-        settings.transports.matrix,
-        settings.data_dir,
-        lambda identity: identity == f"matrix:{alice.client.user_id}",
+
+
+def podbay_for(
+    settings: Settings, agent: FakeAgent, registry: Registry | None = None
+) -> tuple[Podbay, MatrixTransport]:
+    """podbay wired as `podbay run` wires it, with the test's agent (start it yourself)."""
+    transport = MatrixTransport.from_settings(settings)
+    bot = Podbay(settings, transports=[transport], agent=agent, docker=False, registry=registry)
+    return bot, transport
+
+
+def delivered(agent: FakeAgent) -> list[str]:
+    """Every message the agent received, in order (batches are joined by blank lines)."""
+    return [p for run in agent.runs for p in run.request.prompt.split("\n\n")]
+
+
+async def wait_for_deliveries(agent: FakeAgent, count: int, timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:  # the agent runs in another task; poll what it has received so far
+        if len(delivered(agent)) >= count or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1)  # nothing more may trickle in
+    return delivered(agent)
+
+
+@pytest.fixture
+async def world(synapse: SynapseServer, tmp_path: Path) -> AsyncIterator[MatrixWorld]:
+    tag = secrets.token_hex(3)
+    bot_id = await synapse.register(f"podbay{tag}", "bot-password")
+    alice = await human(synapse, f"alice{tag}")
+    settings = bot_settings(
+        synapse,
+        tmp_path / "data",
+        bot_id,
+        [f"matrix:{alice.client.user_id}"],
+        {"coalesce_window_ms": 300, "max_window_ms": 2000, "max_queued_messages": 100},
     )
     agent = FakeAgent(auto_release=0.05)
-    bot = Podbay(settings, transports=[transport], agent=agent, docker=False)
+    bot, transport = podbay_for(settings, agent)
     await bot.start()
     await asyncio.wait_for(transport.ready.wait(), 30)
     try:
@@ -140,13 +174,7 @@ async def wait_until_member(client: AsyncClient, room_id: str, user_id: str) -> 
 
 def restarted(world: MatrixWorld) -> Podbay:
     """A new podbay on the same data dir, as after a process restart (start it yourself)."""
-    settings = world.podbay.settings
-    transport = MatrixTransport(
-        settings.transports.matrix,
-        settings.data_dir,
-        lambda identity: identity == f"matrix:{world.alice.client.user_id}",
-    )
-    return Podbay(settings, transports=[transport], agent=world.agent, docker=False)
+    return podbay_for(world.podbay.settings, world.agent)[0]
 
 
 async def dm_with_bot(world: MatrixWorld) -> str:
@@ -173,16 +201,9 @@ async def test_a_burst_of_50_messages_reaches_the_agent_exactly_once(world: Matr
     sent = [f"burst message {i:02d}" for i in range(50)]
     for text in sent:
         await world.alice.say(room, text)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
-        if len(delivered) >= 50:
-            break
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(1)  # nothing more may trickle in
-    delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
-    assert sorted(delivered) == sent, "every message exactly once"
-    assert delivered == sent, "in order"
+    received = await wait_for_deliveries(world.agent, 50)
+    assert sorted(received) == sent, "every message exactly once"
+    assert received == sent, "in order"
     assert 1 <= len(world.agent.runs) < 50, "coalesced into a few runs"
 
 
@@ -286,21 +307,8 @@ async def test_confirmation_by_reaction_from_the_requester_only(
         )
     )  # fmt: skip
     allowed = {f"matrix:{alice.client.user_id}", f"matrix:{bob.client.user_id}"}
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        access={"admins": sorted(allowed)},
-        transports={
-            "matrix": {
-                "enabled": True,
-                "homeserver": synapse.url,
-                "user_id": bot_id,
-                "password": "bot-password",
-            }
-        },
-    )
-    transport = MatrixTransport(settings.transports.matrix, settings.data_dir, allowed.__contains__)
-    bot = Podbay(settings, transports=[transport], agent=FakeAgent(0.0), docker=False,
-                 registry=registry)  # fmt: skip
+    settings = bot_settings(synapse, tmp_path / "data", bot_id, sorted(allowed))
+    bot, transport = podbay_for(settings, FakeAgent(0.0), registry)
     await bot.start()
     try:
         await asyncio.wait_for(transport.ready.wait(), 30)
@@ -463,15 +471,8 @@ async def test_a_burst_larger_than_the_sync_limit_is_backfilled(world: MatrixWor
     again = restarted(world)
     await again.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
-            if len(delivered) >= 40:
-                break
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1)
-        delivered = [p for run in world.agent.runs for p in run.request.prompt.split("\n\n")]
-        assert sorted(delivered) == sent, "the limited timeline was backfilled"
+        received = await wait_for_deliveries(world.agent, 40)
+        assert sorted(received) == sent, "the limited timeline was backfilled"
     finally:
         await again.stop()
 
@@ -487,27 +488,15 @@ async def test_messages_from_before_the_first_start_are_never_answered(
     room = created.room_id
     await alice.say(room, "ancient history, before podbay ever ran")
     await asyncio.sleep(1.1)  # Matrix timestamps are in ms: keep the order unambiguous
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        access={"admins": [f"matrix:{alice.client.user_id}"]},
-        dispatcher={"coalesce_window_ms": 100, "max_window_ms": 500},
-        transports={
-            "matrix": {
-                "enabled": True,
-                "homeserver": synapse.url,
-                "user_id": bot_id,
-                "password": "bot-password",
-                "ambient_rooms": [room],
-            }
-        },
-    )
-    transport = MatrixTransport(
-        settings.transports.matrix,
-        settings.data_dir,
-        lambda identity: identity == f"matrix:{alice.client.user_id}",
+    settings = bot_settings(
+        synapse,
+        tmp_path / "data",
+        bot_id,
+        [f"matrix:{alice.client.user_id}"],
+        ambient_rooms=[room],
     )
     agent = FakeAgent(auto_release=0.0)
-    bot = Podbay(settings, transports=[transport], agent=agent, docker=False)
+    bot, transport = podbay_for(settings, agent)
     await bot.start()
     try:
         await asyncio.wait_for(transport.ready.wait(), 30)

@@ -45,6 +45,7 @@ async def _setup(
     transport = MemoryTransport(typing=False)
     dispatcher.attach(transport)
     await transport.start(dispatcher.submit)
+    await dispatcher.recover()
     return store, dispatcher, transport
 
 

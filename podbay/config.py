@@ -80,6 +80,11 @@ class DispatcherConfig(_Section):
     max_window_ms: int = Field(
         10000, ge=0, description="A batch fires at most this long after its first message."
     )
+    max_message_bytes: int = Field(
+        65536,
+        ge=256,
+        description="Longer inbound messages are refused with a reply (UTF-8 bytes).",
+    )
     max_queued_messages: int = Field(
         20, ge=1, description="Freeform messages that may wait per session; more are refused."
     )

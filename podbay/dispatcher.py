@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from podbay.commands.confirm import Proposals
 from podbay.commands.context import CommandContext
@@ -28,12 +30,25 @@ from podbay.commands.roles import Role, role_for
 from podbay.config import Settings
 from podbay.engine.agents import AgentRun, FinishedEvent, RunRequest, TextEvent
 from podbay.engine.core import Engine
-from podbay.engine.store import InboxRow, InboxStatus
+from podbay.engine.store import InboxRow, InboxStatus, ProjectRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.transports.base import Transport
 
 log = logging.getLogger(__name__)
+
+
+class Survivor(Protocol):
+    """A process of the previous run that podbay found still running and killed."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def project(self) -> str: ...
+    @property
+    def session_key(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,9 @@ class _Session:
     deadline: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     lane_task: asyncio.Task[None] | None = None
+    # The current agent run of the lane. `stop` cancels this, never the lane: a lane stays
+    # alive while its conversation has pending messages.
+    run_task: asyncio.Task[None] | None = None
     running: ActiveRun | None = None
     typing: bool = False
 
@@ -149,6 +167,12 @@ class Dispatcher:
         self._idle.set()
         self._flushing = False
         self._closed = False
+        # Until recover() has run, arriving messages are only recorded in the inbox and
+        # held: nothing is handled before the previous run's leftovers are dealt with.
+        self._accepting = False
+        self._cancelling = False  # shutdown is cancelling what is left: no new lanes
+        self._held: list[tuple[int, Inbound]] = []
+        self._replayed: set[int] = set()
         # Counters a user (or `status`) can see; never reset while running.
         self.stats = {"runs": 0, "refused": 0, "redeliveries": 0, "denied": 0}
 
@@ -204,15 +228,68 @@ class Dispatcher:
     # -- intake -----------------------------------------------------------------------
 
     async def submit(self, inbound: Inbound) -> None:
-        """Entry point for transports. Returns once the message is safely in the inbox."""
-        inbox_id = await self.store.inbox_add(inbound, self.registry.redact(inbound.text))
+        """Entry point for transports. Returns once the message is safely in the inbox.
+
+        Never raises for a bad message: one that cannot be stored gets an error reply of
+        its own, so a transport's receive loop never dies on it.
+        """
+        try:
+            size = len(inbound.text.encode("utf-8"))
+        except UnicodeEncodeError:
+            await self._refuse(
+                inbound,
+                inbound.text.encode("utf-8", "replace").decode("utf-8"),
+                "unreadable text",
+                "I could not read that message: it is not valid text (UTF-8). Nothing was "
+                "done; send it again.",
+            )
+            return
+        limit = self._cfg.max_message_bytes
+        if size > limit:
+            await self._refuse(
+                inbound,
+                _excerpt(inbound.text, 200),
+                f"too long: {size} bytes",
+                f"That message is too long ({_kib(size)}; the limit is {_kib(limit)}, "
+                "`dispatcher.max_message_bytes`). Nothing was done: send it in parts, or "
+                "put the text in a file in the project and refer to it.",
+            )
+            return
+        try:
+            inbox_id = await self.store.inbox_add(inbound, self.registry.redact(inbound.text))
+        except Exception:
+            ref = secrets.token_hex(4)
+            log.exception("storing a message from %s failed [ref %s]", inbound.session, ref)
+            await self.send(
+                inbound.session,
+                Reply(f"I could not store that message (ref `{ref}`); send it again.", "error"),
+            )
+            return
         if inbox_id is None:
             self.stats["redeliveries"] += 1
             log.debug("redelivery of %s/%s dropped", inbound.session.transport, inbound.platform_id)
             return
         if self._closed:
             return  # stays "received": the next start dispatches it
+        if not self._accepting:
+            self._held.append((inbox_id, inbound))
+            return
+        if inbox_id in self._replayed:
+            return  # stored before recovery read the inbox: recovery dispatched it
         self._enqueue(inbox_id, inbound)
+
+    async def _refuse(self, inbound: Inbound, stored: str, note: str, reply: str) -> None:
+        """Record a message that cannot be handled (redeliveries stay dropped), and say why."""
+        try:
+            inbox_id = await self.store.inbox_add(
+                replace(inbound, text=stored), self.registry.redact(stored)
+            )
+            if inbox_id is None:
+                return  # a redelivery of a message already refused
+            await self.store.inbox_mark([inbox_id], "done", kind="refused", note=note)
+        except Exception:
+            log.exception("recording a refused message from %s failed", inbound.session)
+        await self.send(inbound.session, Reply(reply, "error"))
 
     def _state(self, key: SessionKey) -> _Session:
         state = self._sessions.get(key)
@@ -246,6 +323,7 @@ class Dispatcher:
                     log.exception("front lane of %s failed on inbox %s", state.key, inbox_id)
         finally:
             state.front_task = None
+            state.wake.set()  # a flushing lane waits for every message to reach it
             self._maybe_evict(state)
 
     async def _handle(self, state: _Session, inbox_id: int, inbound: Inbound) -> None:
@@ -287,7 +365,10 @@ class Dispatcher:
                     raise PermissionDenied(
                         f"Talking to the agent needs the operator role; you are a {role.label}."
                     )
-                await self._accept_freeform(state, inbox_id, inbound, parsed.text)
+                # A secret never reaches the agent (nor runs.prompt, nor its echo).
+                await self._accept_freeform(
+                    state, inbox_id, inbound, self.registry.redact(parsed.text)
+                )
                 return
             invocation = parsed
             spec = parsed.spec
@@ -392,18 +473,29 @@ class Dispatcher:
         ceiling = state.first_at + self._cfg.max_window_ms / 1000
         state.deadline = now if self._flushing else min(now + window, ceiling)
         state.wake.set()
-        if state.lane_task is None:
-            state.lane_task = asyncio.create_task(self._lane(state), name=f"lane-{state.key}")
+        self._ensure_lane(state)
         await self._typing(state, True)
+
+    def _ensure_lane(self, state: _Session) -> None:
+        if state.lane_task is None and state.pending and not self._cancelling:
+            state.lane_task = asyncio.create_task(self._lane(state), name=f"lane-{state.key}")
 
     async def _wait_deadline(self, state: _Session) -> None:
         while True:
-            delay = state.deadline - self._clock()
-            if delay <= 0 or self._flushing:
-                return
+            timeout: float | None
+            if self._flushing:
+                # Flushing (end of input, shutdown): fire as soon as every message already
+                # submitted to this session has reached the lane, so a burst stays whole.
+                if not state.front and state.front_task is None:
+                    return
+                timeout = None
+            else:
+                timeout = state.deadline - self._clock()
+                if timeout <= 0:
+                    return
             state.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.wake.wait(), delay)
+                await asyncio.wait_for(state.wake.wait(), timeout)
 
     async def _lane(self, state: _Session) -> None:
         try:
@@ -424,7 +516,7 @@ class Dispatcher:
                     # Whatever arrived while we waited for a slot joins this batch.
                     batch, state.pending, state.first_at = state.pending, [], None
                     if batch:
-                        await self._run(state, batch)
+                        await self._run_batch(state, batch)
                 finally:
                     self._slots.release()
         except asyncio.CancelledError:
@@ -432,11 +524,15 @@ class Dispatcher:
         except Exception:
             log.exception("freeform lane of %s failed", state.key)
         finally:
+            # Cleared before any await: a message accepted from now on starts a new lane.
             state.lane_task = None
-            await self._typing(state, False)
+            if not state.pending:
+                await self._typing(state, False)
+            self._ensure_lane(state)
             self._maybe_evict(state)
 
-    async def _run(self, state: _Session, batch: list[Pending]) -> None:
+    async def _run_batch(self, state: _Session, batch: list[Pending]) -> None:
+        """Record a run for ``batch`` and execute it as a task that `stop` may cancel."""
         ids = [p.inbox_id for p in batch]
         prompt = compose_prompt(batch)
         session_row = await self.store.session_get(state.key)
@@ -445,27 +541,67 @@ class Dispatcher:
             if session_row.active_project
             else None
         )
-        agent = self.engine.agent
-        run_id = await self.store.run_create(
-            state.key, project.name if project else "", prompt, agent.name
-        )
-        await self.store.session_touch(state.key)  # "last activity" in status
-        await self.store.inbox_attach_run(ids, run_id)
+        name = project.name if project else ""
+        run_id = await self.store.run_create(state.key, name, prompt, self.engine.agent.name)
         self.stats["runs"] += 1
-        state.running = ActiveRun(
-            run_id, len(batch), self._clock(), project.name if project else ""
+        state.running = ActiveRun(run_id, len(batch), self._clock(), name)
+        task = state.run_task = asyncio.create_task(
+            self._run(state, run_id, ids, prompt, session_row.agent_sessions, project),
+            name=f"run-{run_id}",
         )
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            state.run_task = None
+            state.running = None
+            if task.done() and (task.cancelled() or task.exception() is not None):
+                # However early it was cut short, the run is never left "pending".
+                await asyncio.shield(self._cancelled(run_id, ids))
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("agent run %s failed", run_id, exc_info=error)
+
+    async def _cancelled(self, run_id: int, ids: list[int]) -> None:
+        if await self.store.run_finish_if_active(run_id, "cancelled", error="stopped"):
+            await self.store.inbox_mark(ids, "done", note="run cancelled")
+
+    def _workdir(self, session: SessionKey, project: ProjectRow | None) -> Path:
+        """The project's source, or a per-conversation scratch directory: a host agent must
+        never run in podbay's own working directory."""
+        if project is not None:
+            return Path(project.path)
+        digest = hashlib.sha256(str(session).encode()).hexdigest()[:16]
+        return self.settings.data_dir.resolve() / "scratch" / digest
+
+    async def _run(
+        self,
+        state: _Session,
+        run_id: int,
+        ids: list[int],
+        prompt: str,
+        agent_sessions: dict[str, str],
+        project: ProjectRow | None,
+    ) -> None:
+        agent = self.engine.agent
         run: AgentRun | None = None
         finished: FinishedEvent | None = None
         try:
+            await self.store.session_touch(state.key)  # "last activity" in status
+            await self.store.inbox_attach_run(ids, run_id)
+            workdir = self._workdir(state.key, project)
+            if project is None:
+                await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True, mode=0o700)
             request = RunRequest(
                 prompt=prompt,
                 session=str(state.key),
                 project=project.name if project else "",
-                workdir=Path(project.path) if project else None,
+                workdir=workdir,
                 session_state=(
-                    {"agent_session_id": session_row.agent_sessions[project.name]}
-                    if project and project.name in session_row.agent_sessions
+                    {"agent_session_id": agent_sessions[project.name]}
+                    if project and project.name in agent_sessions
                     else {}
                 ),
             )
@@ -474,15 +610,16 @@ class Dispatcher:
             async with asyncio.timeout(self.settings.agent.timeout_s):
                 async for event in run:
                     if isinstance(event, TextEvent):
-                        await self.store.run_event(run_id, "text", event.text)
-                        await self.send(state.key, Reply(event.text, "agent"))
+                        # Agents echo what they were given; a secret shape never leaves.
+                        text = self.registry.redact(event.text)
+                        await self.store.run_event(run_id, "text", text)
+                        await self.send(state.key, Reply(text, "agent"))
                     elif isinstance(event, FinishedEvent):
                         finished = event
         except asyncio.CancelledError:
             if run is not None:
                 await run.cancel()
-            await self.store.run_finish(run_id, "cancelled", error="stopped")
-            await self.store.inbox_mark(ids, "done", note="run cancelled")
+            await self._cancelled(run_id, ids)
             raise
         except TimeoutError:
             if run is not None:
@@ -502,8 +639,6 @@ class Dispatcher:
             if run is not None:
                 await run.cancel()
             finished = FinishedEvent(ok=False, error=f"internal error (ref {ref}): {exc}")
-        finally:
-            state.running = None
         await self._record(state, run_id, ids, project.name if project else "", finished)
 
     async def _record(
@@ -540,14 +675,15 @@ class Dispatcher:
     async def stop_session(self, session: SessionKey) -> str:
         """Cancel the session's run (awaiting it) and drop its queue."""
         state = self._sessions.get(session)
-        if state is None or (not state.pending and state.lane_task is None):
+        if state is None or (not state.pending and state.run_task is None):
             return "Nothing to stop."
         dropped, state.pending, state.first_at = state.pending, [], None
         if dropped:
             await self.store.inbox_mark(
                 [p.inbox_id for p in dropped], "done", note="dropped by stop"
             )
-        task = state.lane_task
+        # Cancel the run, not the lane: messages arriving from now on still get a lane.
+        task = state.run_task
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -556,14 +692,16 @@ class Dispatcher:
     async def cancel_project_runs(self, project: str) -> int:
         """Stop every conversation's run on ``project`` (before it is deleted)."""
         keys = [k for k, s in self._sessions.items() if s.running and s.running.project == project]
+        # Each stop awaits its run's end; a cancellation must not wait for another's.
         for key in keys:
             await self.send(key, Reply(await self.stop_session(key), "progress"))
         return len(keys)
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def recover(self) -> None:
-        """After a crash: record interrupted work, tell its sessions, re-dispatch the rest."""
+    async def recover(self, survivors: Sequence[Survivor] = ()) -> None:
+        """After a crash: record interrupted work, tell its sessions, then start dispatching
+        (the held messages and those the inbox still has as received)."""
         await self.store.runs_interrupt_stale()
         for job in await self.store.jobs_interrupt_stale():
             key = SessionKey.parse(job.session_key) if job.session_key else None
@@ -576,6 +714,22 @@ class Dispatcher:
                         "error",
                     ),
                 )
+        stopped: dict[str, list[Survivor]] = {}
+        for survivor in survivors:
+            if survivor.session_key:
+                stopped.setdefault(survivor.session_key, []).append(survivor)
+        for session_key, items in stopped.items():
+            what = ", ".join(
+                f"{s.kind}{' of ' + s.project if s.project else ''} (pid {s.pid})" for s in items
+            )
+            await self.send(
+                SessionKey.parse(session_key),
+                Reply(
+                    f"podbay restarted after a crash and stopped what was still running from "
+                    f"before: {what}. Nothing of it runs any more; resend if still needed.",
+                    "error",
+                ),
+            )
         interrupted, received = await self.store.inbox_recover()
         by_session: dict[SessionKey, list[InboxRow]] = {}
         for row in interrupted:
@@ -589,8 +743,17 @@ class Dispatcher:
             if len(rows) > 10:
                 lines.append(f"…and {len(rows) - 10} more.")
             await self.send(key, Reply("\n".join(lines), "error"))
+        # From here to the end nothing awaits: no message can slip between the inbox read
+        # above and opening the gate, and none is dispatched twice.
+        held = dict(self._held)
+        self._held.clear()
+        self._replayed = {row.id for row in received}
         for row in received:
-            self._enqueue(row.id, row.inbound)
+            # A held message is the original (a DM's secret still in it); prefer it.
+            self._enqueue(row.id, held.pop(row.id, row.inbound))
+        for inbox_id, inbound in held.items():
+            self._enqueue(inbox_id, inbound)
+        self._accepting = True
 
     async def drain(self) -> None:
         """Run everything queued (without waiting out coalescing windows) and wait for it."""
@@ -611,6 +774,7 @@ class Dispatcher:
         self._closed = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), grace_s)
+        self._cancelling = True
         tasks: list[asyncio.Task[None]] = []
         for state in list(self._sessions.values()):
             state.front.clear()
@@ -621,6 +785,19 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.engine.jobs.cancel_all()
 
+    def invariant_violations(self) -> list[str]:
+        """Broken promises of the dispatcher (tests check this after every operation)."""
+        problems: list[str] = []
+        for key, state in self._sessions.items():
+            if state.pending and (state.lane_task is None or state.lane_task.done()):
+                problems.append(f"{key}: {len(state.pending)} pending message(s) without a lane")
+            if state.front and (state.front_task is None or state.front_task.done()):
+                problems.append(f"{key}: {len(state.front)} message(s) without a front lane")
+        for key, state in self._sessions.items():
+            if self._sessions.get(state.key) is not state:
+                problems.append(f"{key}: session registered under the wrong key")
+        return problems
+
     def snapshot(self) -> dict[str, object]:
         """Live numbers for status and benchmarks."""
         return {
@@ -630,6 +807,10 @@ class Dispatcher:
             "queued": {str(k): len(s.pending) for k, s in self._sessions.items() if s.pending},
             **self.stats,
         }
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:.0f} KiB" if size >= 1024 else f"{size} bytes"
 
 
 def _excerpt(text: str, limit: int = 80) -> str:

@@ -123,16 +123,24 @@ async def harness(
     store = await Store.open(settings.data_dir / "podbay.db")
     engine = Engine(store, settings, agent=agent)
     dispatcher = Dispatcher(engine, registry, settings)
-    transport = MemoryTransport()
+    # Every message a test submits is followed by a check of the dispatcher's invariants.
+    transport = MemoryTransport(after_submit=lambda: _check_invariants(dispatcher))
     dispatcher.attach(transport)
     await transport.start(dispatcher.submit)
+    await dispatcher.recover()
     try:
         yield Harness(settings, store, engine, dispatcher, transport, agent, registry)
+        _check_invariants(dispatcher)
     finally:
         for run in agent.runs:
             run.release.set()
         await dispatcher.shutdown(grace_s=2)
         await store.close()
+
+
+def _check_invariants(dispatcher: Dispatcher) -> None:
+    problems = dispatcher.invariant_violations()
+    assert problems == [], f"dispatcher invariants broken: {problems}"
 
 
 @pytest.fixture

@@ -53,6 +53,9 @@ class FakeRun:
 
     async def cancel(self) -> None:
         self.cancelled = True
+        self.agent.cancelling.set()
+        if self.agent.cancel_gate is not None:
+            await self.agent.cancel_gate.wait()
 
 
 class FakeAgent:
@@ -68,6 +71,10 @@ class FakeAgent:
         self.global_active = 0
         self.max_global = 0
         self.violations: list[str] = []
+        # Set when a cancel begins; a cancel waits for ``cancel_gate`` when one is set, so a
+        # test can act while a cancellation is under way.
+        self.cancelling = asyncio.Event()
+        self.cancel_gate: asyncio.Event | None = None
 
     def run(self, request: RunRequest) -> FakeRun:
         run = FakeRun(self, request)

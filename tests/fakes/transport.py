@@ -15,7 +15,9 @@ DEFAULT_SESSION = SessionKey("memory", "room-1")
 class MemoryTransport:
     name = "memory"
 
-    def __init__(self, *, typing: bool = True) -> None:
+    def __init__(
+        self, *, typing: bool = True, after_submit: Callable[[], None] | None = None
+    ) -> None:
         self.capabilities = Capabilities(max_message_length=4000, typing=typing)
         self.sent: list[tuple[SessionKey, Reply]] = []
         self.typing_calls: list[tuple[SessionKey, bool]] = []
@@ -23,6 +25,7 @@ class MemoryTransport:
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
         self.stopped = False
+        self._after_submit = after_submit
 
     async def start(self, submit: Submit) -> None:
         self._submit = submit
@@ -47,6 +50,8 @@ class MemoryTransport:
                 is_direct=direct,
             )
         )
+        if self._after_submit is not None:
+            self._after_submit()
 
     async def send(self, session: SessionKey, reply: Reply) -> MessageRef:
         self.sent.append((session, reply))

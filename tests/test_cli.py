@@ -272,3 +272,24 @@ def test_sigterm_during_a_run_cancels_it_records_it_and_kills_the_agent(tmp_path
     with sqlite3.connect(tmp_path / "data" / "podbay.db") as db:
         rows = db.execute("SELECT prompt, status FROM runs").fetchall()
     assert rows == [("work for a long time", "cancelled")]
+
+
+def test_an_undecodable_line_gets_its_own_error_and_later_lines_are_still_answered(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "podbay", "chat"],
+        input=b"status\n\xff\nwhoami\n",
+        capture_output=True,
+        env=clean_env(tmp_path),
+        timeout=60,
+        check=False,
+    )
+    out = result.stdout.decode("utf-8", "replace")
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    assert "Projects: none yet" in out
+    assert "line 2 is not valid UTF-8" in out
+    assert "You are console:" in out
+    assert out.index("Projects:") < out.index("You are console:")
+    assert out.count("is not valid UTF-8") == 1
+    assert "Traceback" not in result.stderr.decode("utf-8", "replace")

@@ -6,14 +6,18 @@ A registry is an instance: the bot builds one, tests build their own.
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import shlex
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from podbay.commands.roles import Role
 from podbay.errors import UsageError
+from podbay.redact import DASHES, REDACTED, secret_option_name, secret_values
+from podbay.redact import has_secret as has_secret_in
+from podbay.redact import redact as redact_text
 
 if TYPE_CHECKING:
     from podbay.commands.context import CommandContext
@@ -108,6 +112,23 @@ Parsed = Invocation | Freeform
 _WORD = re.compile(r"\S+")
 # How close a misspelt command must be to be treated as one rather than as freeform.
 _NEAR_MISS = 0.8
+# A token that looks like an option: dashes (ASCII or the Unicode ones phones produce) and a
+# letter. A lone "-" or "—" is punctuation.
+_DASH_RUN = re.compile(f"[{re.escape(DASHES)}]+")
+_OPTION_LIKE = re.compile(rf"(?<!\S)[{re.escape(DASHES)}]{{1,3}}[^\W\d_]")
+# Text after the command words longer than this is not a command: real ones (a git URL, a
+# path, a token) are far shorter, and tokenising megabytes is what made parsing slow.
+MAX_COMMAND_CHARS = 4096
+# Longest word compared with command names for "did you mean": difflib is quadratic, and a
+# much longer word cannot be close to a short name anyway.
+_MAX_SUGGEST = 64
+# Words examined at the start of a message: the longest command name plus two.
+_HEAD_WORDS = 4
+# At most this many words (with the command words) is short enough to be an attempt.
+_ATTEMPT_WORDS = 3
+_PUNCTUATION = "`'\".,;:!?()[]{}<>"
+# Shorter "secrets" are not replaced throughout an error message (they would mangle it).
+_MIN_SCRUBBED = 4
 
 
 class Registry:
@@ -138,8 +159,9 @@ class Registry:
         stripped = text.strip()
         if stripped.startswith("!"):
             return stripped[1:].lstrip(), True, True
-        lowered = stripped.lower()
         names = [*self._aliases, *(a.lower() for a in extra_aliases if a)]
+        # Only the start can hold a name: lowering all of a long message would be wasted work.
+        lowered = stripped[: max((len(n) for n in names), default=0) + 1].lower()
         # Longest first so "@podbay:example.org" wins over "@podbay".
         for name in sorted({n for alias in names for n in (alias, "@" + alias)}, key=len)[::-1]:
             if lowered.startswith(name):
@@ -154,13 +176,41 @@ class Registry:
     # -- parsing ----------------------------------------------------------------------
 
     def parse(
-        self, text: str, *, mentioned: bool = False, extra_aliases: Iterable[str] = ()
+        self,
+        text: str,
+        *,
+        mentioned: bool = False,
+        extra_aliases: Iterable[str] = (),
+        projects: Collection[str] = (),
     ) -> Parsed:
-        """Parse chat text. Raises only :class:`UsageError`."""
+        """Parse chat text. Raises only :class:`UsageError`, whose text never holds a secret.
+
+        Plain text that starts with a command word but does not fit it is freeform ("delete
+        the unused imports") unless it looks like an attempt at the command; then it gets the
+        usage error, so that a mistyped command never reaches the agent as a prompt. An
+        attempt has an option-like token (``--x``, ``-x``, ``—x``), is at most three words,
+        or names a project: ``projects`` are the names of existing projects, matched against
+        the first argument, and for job commands (``delete``, ``restart``...) against every
+        word. A ``!`` prefix, and multi-word commands, always give the usage error.
+
+        The work is linear in the length of ``text``.
+        """
         rest, addressed, bang = self.strip_address(text, extra_aliases)
         addressed = addressed or mentioned
-        spans = list(_WORD.finditer(rest))
-        words = [m.group(0) for m in spans]
+        try:
+            return self._parse(rest, addressed=addressed, bang=bang, projects=projects)
+        except UsageError as exc:
+            message = self._scrub(str(exc), rest)
+            if message == str(exc):
+                raise
+            # "from None": the original message, secret included, must not reach a traceback.
+            raise UsageError(message) from None
+
+    def _parse(
+        self, rest: str, *, addressed: bool, bang: bool, projects: Collection[str]
+    ) -> Parsed:
+        heads = list(itertools.islice(_WORD.finditer(rest), _HEAD_WORDS))
+        words = [m.group(0) for m in heads]
         if not words:
             help_spec = self._specs.get("help")
             if (bang or addressed) and help_spec is not None:
@@ -168,24 +218,55 @@ class Registry:
             return Freeform(rest, addressed)
         spec, used = self._match(words)
         if spec is None:
-            return self._unknown(words, rest, addressed=addressed, bang=bang)
+            return self._unknown(words, rest, addressed=addressed, bang=bang, projects=projects)
+        tail = rest[heads[used - 1].end() :]
+
+        def insist() -> bool:
+            return bang or spec.is_strict or self._is_attempt(spec, words[used:], tail, projects)
+
+        if len(tail) > MAX_COMMAND_CHARS:
+            if insist():
+                raise UsageError(
+                    f"That is too long for a command ({len(tail)} characters after "
+                    f"`{spec.name}`, at most {MAX_COMMAND_CHARS}).\nusage: {spec.usage}"
+                )
+            return Freeform(rest, addressed)
         # Re-tokenise what follows the command words with shell-like quoting.
-        tail = rest[spans[used - 1].end() :]
         try:
             tokens = shlex.split(tail)
         except ValueError as exc:
-            if bang or spec.is_strict:
+            if insist():
                 raise UsageError(f"{exc}: check your quotes.\nusage: {spec.usage}") from exc
             return Freeform(rest, addressed)
         try:
             return self._bind(spec, tokens)
         except UsageError:
-            if bang or spec.is_strict:
+            if insist():
                 raise
             return Freeform(rest, addressed)
 
+    def _is_attempt(
+        self, spec: CommandSpec, args: list[str], tail: str, projects: Collection[str]
+    ) -> bool:
+        """Whether text starting with ``spec``'s words is an attempt at that command."""
+        if len(spec.words) + len(args) <= _ATTEMPT_WORDS:  # ``args`` holds at most two words
+            return True
+        if _OPTION_LIKE.search(tail) is not None:
+            return True
+        names = {p.lower() for p in projects}
+        if not names:
+            return False
+        if args and args[0].strip(_PUNCTUATION).lower() in names:
+            return True
+        # "delete the demo2 project": a job changes a project, so naming one anywhere is an
+        # attempt. Control commands ("use the api client...") only count their argument.
+        if spec.kind == "job":
+            head = tail[:MAX_COMMAND_CHARS]
+            return any(w.strip(_PUNCTUATION).lower() in names for w in head.split())
+        return False
+
     def _match(self, words: list[str]) -> tuple[CommandSpec | None, int]:
-        lowered = [w.lower() for w in words]
+        lowered = [w.lower() if len(w) <= _MAX_SUGGEST else "" for w in words]
         best: CommandSpec | None = None
         for spec in self._specs.values():
             n = len(spec.words)
@@ -194,6 +275,8 @@ class Registry:
         return best, (len(best.words) if best else 0)
 
     def suggest(self, word: str, cutoff: float = 0.6) -> str | None:
+        if len(word) > _MAX_SUGGEST:
+            return None
         names = [s.name for s in self._specs.values()]
         firsts = {s.words[0]: s.name for s in self._specs.values()}
         close = difflib.get_close_matches(word.lower(), [*names, *firsts], n=1, cutoff=cutoff)
@@ -201,41 +284,87 @@ class Registry:
             return None
         return firsts.get(close[0], close[0])
 
-    def _unknown(self, words: list[str], rest: str, *, addressed: bool, bang: bool) -> Parsed:
+    def _unknown(
+        self,
+        words: list[str],
+        rest: str,
+        *,
+        addressed: bool,
+        bang: bool,
+        projects: Collection[str],
+    ) -> Parsed:
         phrase = " ".join(words[:2]).lower()
         near = self.suggest(words[0], cutoff=0.6 if bang else _NEAR_MISS) or (
             self.suggest(phrase, cutoff=_NEAR_MISS) if len(words) > 1 else None
         )
-        # A short plain message that is a near miss of a command is almost surely a typo;
-        # anything longer is a request for the agent.
-        if bang or (near and len(words) <= 3):
+        if bang or (near and self._near_miss_is_attempt(near, words, rest, projects)):
             hint = f" Did you mean `{near}`?" if near else ""
-            raise UsageError(f"Unknown command `{words[0][:40]}`.{hint} Send `help` for the list.")
+            raise UsageError(
+                f"Unknown command `{self._quote(words[0], 40)}`.{hint} Send `help` for the list."
+            )
         return Freeform(rest, addressed)
+
+    def _near_miss_is_attempt(
+        self, near: str, words: list[str], rest: str, projects: Collection[str]
+    ) -> bool:
+        """A near miss of a command is a typo when short, when its first argument names a
+        project, or when it carries one of that command's options ("delet x --purge").
+
+        An option alone is not enough: "log the body when --debug is set" is a request.
+        """
+        if len(words) <= _ATTEMPT_WORDS:
+            return True
+        if len(words) > 1 and words[1].strip(_PUNCTUATION).lower() in {p.lower() for p in projects}:
+            return True
+        spec = self._specs[near]
+        secrets = [o.name for o in spec.options if o.secret]
+        for match in _OPTION_LIKE.finditer(rest, 0, MAX_COMMAND_CHARS):
+            end = rest.find(" ", match.start())
+            flag = rest[match.start() : end if end >= 0 else len(rest)].partition("=")[0]
+            name = _DASH_RUN.sub("", flag, count=1)
+            if spec.option(name) is not None or secret_option_name(flag, secrets) is not None:
+                return True
+        return False
 
     def _bind(self, spec: CommandSpec, tokens: list[str]) -> Invocation:
         args: dict[str, str] = {}
         options: dict[str, str | bool] = {}
         positionals: list[str] = []
+        secrets = [o.name for o in spec.options if o.secret]
         i = 0
         only_positionals = False
         while i < len(tokens):
             token = tokens[i]
             i += 1
-            if only_positionals or not token.startswith("-") or token == "-":
-                positionals.append(token)
-                continue
-            if token == "--":
+            if token == "--" and not only_positionals:
                 only_positionals = True
                 continue
-            name, eq, value = token.lstrip("-").partition("=")
-            short = not token.startswith("--")
+            dashes = _DASH_RUN.match(token)
+            if only_positionals or dashes is None or dashes.end() == len(token):
+                positionals.append(token)  # includes a lone "-" or "—"
+                continue
+            flag, eq, value = token.partition("=")
+            name = flag[dashes.end() :]
+            # "—stack" is "--stack" typed on a phone; only a single ASCII "-" is short.
+            short = dashes.group(0) == "-"
             opt = spec.option(name) if (not short or len(name) == 1) else None
-            if opt is None or (short and opt.short != name):
-                known = [f"--{o.name}" for o in spec.options]
-                close = difflib.get_close_matches("--" + name, known, n=1, cutoff=0.6)
+            if opt is not None and short and opt.short != name:
+                opt = None
+            if opt is None:
+                # "-token", "--tok", "—TOKEN": bind them, so the value is taken as the secret
+                # it is (and redacted) rather than echoed back as a stray argument.
+                secret = secret_option_name(flag, secrets)
+                opt = spec.option(secret) if secret else None
+            if opt is None:
+                known = [f"--{o.name}" for o in spec.options if len(o.name) > 1]
+                known += [f"-{o.short}" for o in spec.options if o.short]
+                close = difflib.get_close_matches(
+                    "--" + name[:_MAX_SUGGEST], known, n=1, cutoff=0.6
+                )
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise UsageError(f"unknown option {token.split('=')[0]}{hint}\nusage: {spec.usage}")
+                raise UsageError(
+                    f"unknown option {self._quote(flag, 60)}{hint}\nusage: {spec.usage}"
+                )
             if opt.metavar is None:
                 if eq:
                     raise UsageError(f"--{opt.name} takes no value\nusage: {spec.usage}")
@@ -255,7 +384,7 @@ class Registry:
                 positionals[keep:] = [" ".join(positionals[keep:])]
         if len(positionals) > len(spec.positionals):
             extra = " ".join(positionals[len(spec.positionals) :])
-            raise UsageError(f"unexpected argument {extra[:60]!r}\nusage: {spec.usage}")
+            raise UsageError(f"unexpected argument '{self._quote(extra, 60)}'\nusage: {spec.usage}")
         for pos, value in zip(spec.positionals, positionals, strict=False):
             args[pos.name] = value
         missing = [p.name for p in spec.positionals[len(positionals) :] if p.required]
@@ -263,21 +392,33 @@ class Registry:
             raise UsageError(f"missing <{missing[0]}>\nusage: {spec.usage}")
         return Invocation(spec, args, options)
 
+    def _quote(self, text: str, limit: int) -> str:
+        """User text for an error message: redacted before it is cut, since a cut secret no
+        longer has a recognisable shape. Linear, like the rest of parsing."""
+        quoted = self.redact(text)
+        return quoted if len(quoted) <= limit else quoted[: limit - 1] + "…"
+
+    def _scrub(self, message: str, text: str) -> str:
+        """``message`` without any secret that occurs in ``text`` (defence in depth)."""
+        for value in sorted(self.secret_values(text), key=len, reverse=True):
+            if len(value) >= _MIN_SCRUBBED:
+                message = message.replace(value, REDACTED)
+        # Not redact(message): fragments were redacted by _quote, and the message's own
+        # layout ("unknown option —token\nusage: ...") would read as a flag and its value.
+        return message
+
     # -- secrets ----------------------------------------------------------------------
 
     def secret_options(self) -> set[str]:
         return {o.name for s in self._specs.values() for o in s.options if o.secret}
 
     def redact(self, text: str) -> str:
-        """Mask the values of secret options (``--token X``) so they are never stored."""
-        names = self.secret_options()
-        if not names:
-            return text
-        alternatives = "|".join(re.escape(n) for n in sorted(names))
-        pattern = re.compile(
-            rf"(--(?:{alternatives}))(=|\s+)(\"[^\"]*\"|'[^']*'|\S+)", re.IGNORECASE
-        )
-        return pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", text)
+        """``text`` with every secret masked (see :mod:`podbay.redact`), using the names of
+        this registry's secret options (``--token``) and their near-miss spellings."""
+        return redact_text(text, self.secret_options())
 
     def has_secret(self, text: str) -> bool:
-        return self.redact(text) != text
+        return has_secret_in(text, self.secret_options())
+
+    def secret_values(self, text: str) -> list[str]:
+        return secret_values(text, self.secret_options())

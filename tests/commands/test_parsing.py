@@ -147,3 +147,119 @@ def test_parsing_arbitrary_unicode_yields_a_command_or_freeform(text: str) -> No
 
 
 _PROPERTY_REGISTRY = build_registry("podbay")
+
+
+# -- secrets in parse errors -----------------------------------------------------------
+
+SECRET = "s3cr3t-Value-42xyz"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"new project x —token {SECRET} --bogus",
+        f"new project x –token {SECRET} extra",
+        f"new project x -token {SECRET} extra",
+        f"new project x --tok {SECRET} extra",
+        f"new project x --TOKEN={SECRET} extra",
+        f"new project x --token {SECRET} --token {SECRET}",
+        f"delete demo2 —token {SECRET}",
+        f"!delete demo2 '--token {SECRET}'",
+        f"!use demo2 https://alice:{SECRET}@example.org/x.git",
+        "!ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ now",
+        "!use demo2 ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",
+        f"new project {'x' * 70} --bogus {SECRET}",
+    ],
+)
+def test_a_usage_error_never_echoes_a_secret(reg: Registry, text: str) -> None:
+    with pytest.raises(UsageError) as err:
+        reg.parse(text)
+    message = str(err.value)
+    assert SECRET not in message and "ghp_abcdefghijklmnop" not in message, message
+    assert "usage:" in message or "Unknown command" in message
+
+
+@pytest.mark.parametrize(
+    "flag", ["--token", "—token", "–token", "-token", "--tok", "--toke", "--TOKEN", "—Tok"]
+)
+def test_near_miss_spellings_of_the_token_option_bind_to_it(reg: Registry, flag: str) -> None:
+    inv = command(reg.parse(f"new project demo {flag} {SECRET} --stack go"))
+    assert inv.opt("token") == SECRET and inv.opt("stack") == "go"
+    inv = command(reg.parse(f"new project demo {flag}={SECRET}"))
+    assert inv.opt("token") == SECRET
+
+
+def test_an_em_dash_works_as_an_option_prefix(reg: Registry) -> None:
+    inv = command(reg.parse("new project demo —stack python"))
+    assert inv.opt("stack") == "python"
+    inv = command(reg.parse("delete demo —purge"))
+    assert inv.flag("purge")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "new project x —token abc123456",
+        "new project x --tok abc123456",
+        "new project x -token abc123456",
+        "new project x --git https://alice:abc123456@example.org/x.git",
+    ],
+)
+def test_registry_redaction_covers_near_misses_and_urls(reg: Registry, text: str) -> None:
+    assert reg.has_secret(text)
+    assert "abc123456" not in reg.redact(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(["new project demo", "!delete demo", "delete demo", "logs demo", "!use"]),
+    st.sampled_from(["--token", "—token", "–token", "-token", "--tok", "--TOKEN", "—tok"]),
+    st.sampled_from([" ", "="]),
+    st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.~", min_size=8),
+    st.text(max_size=40),
+)
+def test_no_parse_error_contains_a_generated_secret(
+    head: str, flag: str, sep: str, secret: str, tail: str
+) -> None:
+    text = f"{head} {flag}{sep}{secret} {tail}"
+    try:
+        _PROPERTY_REGISTRY.parse(text)
+    except UsageError as exc:
+        assert secret not in str(exc) or secret in f"{head} {flag}{tail}"
+
+
+# -- long input ---------------------------------------------------------------------------
+
+MEGABYTE = 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("text", "outcome"),
+    [
+        ("new project " + "x" * MEGABYTE, UsageError),
+        ("new project demo --stack " + "x" * MEGABYTE, UsageError),
+        ("!delete " + "a " * (MEGABYTE // 2), UsageError),
+        ("delete demo " + "--purge " * (MEGABYTE // 8), UsageError),
+        ("delete " + "x" * MEGABYTE, UsageError),
+        ("new project demo --stak" + "k" * MEGABYTE, UsageError),
+        ("!" + "x" * MEGABYTE, UsageError),
+        ("statsu" + "u" * MEGABYTE, Freeform),
+        ("delete the unused imports " + "and more " * (MEGABYTE // 9), Freeform),
+        ("x" * MEGABYTE, Freeform),
+        ("why " * (MEGABYTE // 4), Freeform),
+        ("help " + "'" * MEGABYTE, UsageError),
+        ("help " + "me " * (MEGABYTE // 3), Freeform),
+        ("podbay " + "please " * (MEGABYTE // 7), Freeform),
+    ],
+    ids=lambda v: repr(v[:24]) if isinstance(v, str) else v.__name__,
+)
+def test_a_megabyte_message_parses_to_a_usage_error_or_freeform(
+    reg: Registry, text: str, outcome: type
+) -> None:
+    # Quadratic tokenising took seconds per megabyte; the parse must simply come back.
+    if outcome is UsageError:
+        with pytest.raises(UsageError) as err:
+            reg.parse(text, projects=["demo"])
+        assert len(str(err.value)) < 1000
+    else:
+        assert isinstance(reg.parse(text, projects=["demo"]), Freeform)

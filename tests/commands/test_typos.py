@@ -1,0 +1,143 @@
+"""A mistyped command must never reach the coding agent as a prompt (issue 8, item 7).
+
+Text that starts with a command word and looks like an attempt at that command (it has
+an option-like token, names an existing project, or is at most three words) gets that
+command's usage error; a sentence that merely starts with a command word stays freeform.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from podbay.commands.catalog import build_registry
+from podbay.commands.registry import Freeform, Invocation, Registry
+from podbay.errors import UsageError
+
+PROJECTS = ("demo2", "api", "web")
+
+
+@pytest.fixture(scope="module")
+def reg() -> Registry:
+    return build_registry("podbay", aliases=("@podbay:example.org",))
+
+
+USAGE_ERRORS = [
+    # The issue's examples.
+    ("delete demo2 --prune", r"unknown option --prune \(did you mean --purge\?\)"),
+    ("delete demo2 --purge please", "unexpected argument 'please'"),
+    ("logs demo2 --lines 5", "unknown option --lines"),
+    ("restart demo2 now", "unexpected argument 'now'"),
+    ("rebuild demo2 --force", "unknown option --force"),
+    ("delete", "missing <project>"),
+    ("restart", "missing <project>"),
+    ("ssh", "missing <project>"),
+    ("logs", "missing <project>"),
+    # More of the same kinds.
+    ("rebuild", "missing <project>"),
+    ("Delete demo2 --prune", "did you mean --purge"),
+    ("delete demo2 —prune", "did you mean --purge"),
+    ("delete demo2 -purge", "usage: delete <project>"),
+    ("delete demo2 now please", "unexpected argument 'now please'"),
+    ("delete the demo2 project", "usage: delete <project>"),
+    ("restart the api server after the config change", "usage: restart <project>"),
+    ("restart demo2 right now please", "unexpected argument"),
+    ("ssh demo2 please", "unexpected argument 'please'"),
+    ("ssh demo2 --port 2200", "unknown option --port"),
+    ("logs demo2 -f", "unknown option -f"),
+    ("logs demo2 —lines 5", "unknown option —lines"),
+    ("rebuild demo2 --no-cache", "unknown option --no-cache"),
+    ("status demo2 --verbose", "unknown option --verbose"),
+    ("use demo2 please", "unexpected argument 'please'"),
+    ("stop it", "unexpected argument 'it'"),
+    ("cancel that", "unexpected argument 'that'"),
+    ("whoami --json", "unknown option --json"),
+    ("new project", "missing <name>"),
+    ("new", "Did you mean `new project`"),
+    # Near misses of a command word are attempts too when they look like one.
+    ("delet demo2 --purge", "Did you mean `delete`"),
+    ("delet demo2 --purge please", "Did you mean `delete`"),
+    ("rebuidl demo2 and then restart it", "Did you mean `rebuild`"),
+    # Addressed and prefixed forms.
+    ("podbay restart demo2 now", "unexpected argument 'now'"),
+    ("@podbay delete demo2 --prune", "did you mean --purge"),
+    ("@podbay:example.org: logs demo2 --lines 5", "unknown option --lines"),
+    ("!restart the server after changing the config file", "usage: restart <project>"),
+    ("!delete the unused imports", "usage: delete <project>"),
+    ("! ssh", "missing <project>"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), USAGE_ERRORS)
+def test_an_attempt_at_a_command_gets_its_usage_error(
+    reg: Registry, text: str, message: str
+) -> None:
+    with pytest.raises(UsageError, match=message):
+        reg.parse(text, projects=PROJECTS)
+
+
+FREEFORM = [
+    "delete the unused imports",
+    "delete the unused imports in parser.py",
+    "delete unused code -- it is dead anyway",
+    "restart the server after changing the config file",
+    "status of the migration is unclear, please check",
+    "status — the build is red again, can you look",
+    "use a dict instead of a list",
+    "use the api client instead of raw requests",
+    "stop using global state in the parser",
+    "logs should include the request id",
+    "ssh keys are not loaded in the container, why",
+    "rebuild the index when the schema changes",
+    "rebuild the cache - it is stale after deploys",
+    "cancel the subscription flow when the user clicks twice",
+    "confirm that the migration is reversible please",
+    "whoami endpoint should return the role too",
+    "new features need tests, please add some",
+    "log the request body when --debug is set",
+    "uses of the --verbose flag should be documented",
+    "why does delete demo2 --prune not work?",
+]
+
+
+@pytest.mark.parametrize("text", FREEFORM)
+def test_a_sentence_starting_with_a_command_word_stays_freeform(reg: Registry, text: str) -> None:
+    assert reg.parse(text, projects=PROJECTS) == Freeform(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "podbay delete the unused imports",
+        "@podbay restart the server after changing the config file",
+        "@podbay:example.org: use the api client instead of raw requests",
+    ],
+)
+def test_an_addressed_sentence_stays_addressed_freeform(reg: Registry, text: str) -> None:
+    parsed = reg.parse(text, projects=PROJECTS)
+    assert isinstance(parsed, Freeform) and parsed.addressed
+    assert parsed.text.split()[0] in ("delete", "restart", "use")
+
+
+def test_naming_a_project_only_counts_for_projects_that_exist(reg: Registry) -> None:
+    text = "delete demo2 now please"
+    assert reg.parse(text) == Freeform(text)  # no project called demo2
+    with pytest.raises(UsageError):
+        reg.parse(text, projects=["demo2"])
+
+
+def test_well_formed_commands_still_parse(reg: Registry) -> None:
+    for text, name in [
+        ("delete demo2 --purge", "delete"),
+        ("logs demo2 -n 5", "logs"),
+        ("restart demo2", "restart"),
+        ("rebuild demo2", "rebuild"),
+        ("ssh demo2", "ssh"),
+        ("help me understand this", "help"),
+        ("status", "status"),
+    ]:
+        parsed = reg.parse(text, projects=PROJECTS)
+        assert isinstance(parsed, Invocation) and parsed.spec.name == name, text
+
+
+def test_the_tables_cover_at_least_thirty_lines() -> None:
+    assert len(USAGE_ERRORS) + len(FREEFORM) >= 30 and len(FREEFORM) >= 15

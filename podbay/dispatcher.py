@@ -33,7 +33,7 @@ from podbay.engine.core import Engine
 from podbay.engine.store import InboxRow, InboxStatus, ProjectRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
-from podbay.transports.base import Transport
+from podbay.transports.base import Supervised, Transport, TransportState
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,10 @@ class Dispatcher:
 
     def attach(self, transport: Transport) -> None:
         self._transports[transport.name] = transport
+
+    def transport_states(self) -> list[TransportState]:
+        """How each attached transport says it is doing (for `status`)."""
+        return [t.health.state for t in self._transports.values() if isinstance(t, Supervised)]
 
     @property
     def live_sessions(self) -> int:
@@ -353,7 +357,11 @@ class Dispatcher:
                     "room, and send the command again in a direct message."
                 )
             parsed = self.registry.parse(
-                inbound.text, mentioned=inbound.mentioned, extra_aliases=inbound.aliases
+                inbound.text,
+                mentioned=inbound.mentioned,
+                extra_aliases=inbound.aliases,
+                # "delete demo2 now" names a project: a mistyped command, never a prompt.
+                projects=await self.store.project_names(),
             )
             if isinstance(parsed, Freeform):
                 kind = "freeform"
@@ -390,11 +398,14 @@ class Dispatcher:
             )
             await spec.handler(ctx, parsed)
         except UserError as exc:
-            outcome = f"refused: {exc}"
-            await self.send(inbound.session, Reply(str(exc), "error"))
+            # Errors may quote what the user typed (a project name, a topic): never a secret.
+            text = self.registry.redact(str(exc))
+            outcome = f"refused: {text}"
+            await self.send(inbound.session, Reply(text, "error"))
         except Exception as exc:
             ref = secrets.token_hex(4)
-            outcome, status, note = f"error (ref {ref})", "failed", f"ref {ref}: {exc}"
+            note = self.registry.redact(f"ref {ref}: {exc}")
+            outcome, status = f"error (ref {ref})", "failed"
             log.exception("handling inbox %s failed [ref %s]", inbox_id, ref)
             await self.send(inbound.session, Reply(f"Something went wrong (ref `{ref}`).", "error"))
         await self.store.inbox_mark([inbox_id], status, kind=kind, note=note)
@@ -404,7 +415,7 @@ class Dispatcher:
                 invocation.spec.name,
                 outcome[:300],
                 session=inbound.session,
-                target=next(iter(invocation.args.values()), ""),
+                target=self.registry.redact(next(iter(invocation.args.values()), ""))[:200],
                 detail=self.registry.redact(inbound.text)[:500],
             )
 

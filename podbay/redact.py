@@ -17,6 +17,7 @@ in the length of the text: a megabyte of adversarial input is handled in well un
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterable
 
@@ -172,3 +173,11 @@ def secret_option_name(flag: str, secret_options: Iterable[str]) -> str | None:
         return None
     spelt = match.group("name").lower()
     return next((name for name in secret_options if name.lower().startswith(spelt)), None)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats log records, then redacts the whole line: message, arguments and traceback
+    (an exception's text may quote a URL with its password)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))

@@ -12,13 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from podbay.engine.procs import (
+    KILL_VERIFY_S,
+    PIPE,
+    ProcessesSurvived,
+    ProcessTracker,
+    TrackedProcess,
+    snapshot,
+)
 from podbay.errors import NotConfigured
 
 
@@ -30,6 +37,7 @@ class RunRequest:
     session: str = ""
     project: str = ""
     workdir: Path | None = None
+    run_id: int | None = None  # the store's run row, recorded with the agent's processes
     session_state: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -120,6 +128,7 @@ class HostCommandAgent:
         env: Mapping[str, str] | None = None,
         stderr_lines: int = 20,
         kill_grace_s: float = 5.0,
+        procs: ProcessTracker | None = None,
     ) -> None:
         if not argv:
             raise ValueError("argv must not be empty")
@@ -127,6 +136,9 @@ class HostCommandAgent:
         self._env = env
         self._stderr_lines = stderr_lines
         self._kill_grace_s = kill_grace_s
+        # Without a store-backed tracker runs are still grouped, tagged and killed as a
+        # whole, only not recorded for recovery after a crash.
+        self.procs = procs or ProcessTracker()
 
     def run(self, request: RunRequest) -> HostCommandRun:
         return HostCommandRun(self, request)
@@ -143,44 +155,55 @@ class HostCommandRun:
     def __init__(self, agent: HostCommandAgent, request: RunRequest) -> None:
         self._agent = agent
         self._request = request
-        self._proc: asyncio.subprocess.Process | None = None
+        self._tracked: TrackedProcess | None = None
         self._stderr: deque[str] = deque(maxlen=agent._stderr_lines)
         self._cancelled = False
+        self._stopping: asyncio.Task[list[int]] | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._tracked.pid if self._tracked else None
 
     def __aiter__(self) -> AsyncIterator[AgentEvent]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[AgentEvent]:
+        if self._cancelled:
+            return
+        procs = self._agent.procs
+        request = self._request
         try:
-            self._proc = await asyncio.create_subprocess_exec(
+            tracked = await procs.spawn(
                 *self._agent.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=self._request.workdir,
-                env=self._agent.environment(self._request),
-                # Its own process group, so cancel() reaches the agent's children too.
-                start_new_session=True,
+                kind="agent",
+                detail=Path(self._agent.argv[0]).name,
+                project=request.project,
+                session=request.session,
+                run_id=request.run_id,
+                cwd=request.workdir,
+                env=self._agent.environment(request),
+                stdin=PIPE,
+                stdout=PIPE,
+                stderr=PIPE,
             )
         except OSError as exc:
             yield FinishedEvent(
                 ok=False, error=f"cannot start agent {self._agent.argv[0]!r}: {exc.strerror}"
             )
             return
-        proc = self._proc
-        assert proc.stdin and proc.stdout and proc.stderr
-        stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+        self._tracked = tracked
+        assert tracked.stdin and tracked.stdout and tracked.stderr
+        # Writing the prompt while reading the answer: an agent that echoes as it reads
+        # (``cat``) fills the stdout pipe before it has read a large prompt.
+        writer = asyncio.create_task(_write_prompt(tracked.stdin, request.prompt.encode()))
+        stderr_task = asyncio.create_task(self._drain_stderr(tracked.stderr))
+        # When the leader exits, whatever it left behind is killed, so the pipes reach EOF
+        # even if a stray child held them open.
+        reaper = asyncio.create_task(procs.finish(tracked))
+        finished = False
         try:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                proc.stdin.write(self._request.prompt.encode())
-                await proc.stdin.drain()
-            proc.stdin.close()
             buffer = ""
-            while chunk := await proc.stdout.read(65536):
+            while chunk := await tracked.stdout.read(65536):
                 buffer += chunk.decode(errors="replace")
                 done, buffer = paragraphs(buffer, final=False)
                 for text in done:
@@ -188,13 +211,23 @@ class HostCommandRun:
             done, _ = paragraphs(buffer, final=True)
             for text in done:
                 yield TextEvent(text)
-            code = await proc.wait()
-            await stderr_task
+            code = await tracked.wait_exit()
+            survivors = await reaper
+            await asyncio.wait([stderr_task], timeout=KILL_VERIFY_S)
+            finished = True
         finally:
-            if not stderr_task.done():
-                stderr_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stderr_task
+            for task in (writer, stderr_task, reaper):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(writer, stderr_task, reaper, return_exceptions=True)
+            if not finished:
+                # Closed or cancelled mid-run: stop the tree (with its grace) in the
+                # background; cancel() waits for exactly this.
+                self._stop_in_background()
+            else:
+                tracked.close()
+        if survivors:
+            raise ProcessesSurvived("agent run", survivors)
         if code == 0:
             yield FinishedEvent(ok=True, exit_code=0)
         else:
@@ -205,58 +238,57 @@ class HostCommandRun:
         while line := await stream.readline():
             self._stderr.append(line.decode(errors="replace").rstrip("\n"))
 
-    async def cancel(self) -> None:
-        """SIGTERM the agent's process group, SIGKILL after a grace period, and reap it."""
-        self._cancelled = True
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        self._signal_group(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), self._agent._kill_grace_s)
-        except TimeoutError:
-            self._signal_group(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        # Children that ignored SIGTERM while their leader exited must not outlive the run.
-        self._signal_group(proc.pid, signal.SIGKILL)
-        # Signals are delivered asynchronously: wait until the kernel has really ended them.
-        for _ in range(200):
-            if not await asyncio.to_thread(group_members, proc.pid):
-                break
-            await asyncio.sleep(0.01)
+    def _stop_in_background(self) -> asyncio.Task[list[int]]:
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop(), name="agent-stop")
+        return self._stopping
 
-    @staticmethod
-    def _signal_group(pid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
+    async def _stop(self) -> list[int]:
+        tracked = self._tracked
+        if tracked is None:
+            return []
+        try:
+            return await self._agent.procs.kill_tree(tracked, self._agent._kill_grace_s)
+        finally:
+            tracked.close()
+
+    async def cancel(self) -> None:
+        """Stop the run: SIGTERM to every process of it, SIGKILL to what is left once the
+        agent itself has exited or after the grace period. Returns when nothing of the run
+        is left; raises :class:`ProcessesSurvived` if something could not be killed.
+        """
+        self._cancelled = True
+        if self._tracked is None:
+            return
+        # Shielded: a second cancellation of the caller must not leave the tree half-killed.
+        survivors = await asyncio.shield(self._stop_in_background())
+        if survivors:
+            raise ProcessesSurvived("agent run", survivors)
+
+
+async def _write_prompt(stdin: asyncio.StreamWriter, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stdin.write(data)
+        await stdin.drain()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stdin.close()
 
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group ``pgid``, from /proc (Linux)."""
-    members: list[int] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return members
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state, ppid, pgrp, ...
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+    return [p.pid for p in snapshot().values() if p.pgid == pgid]
 
 
-def build_agent(command: Sequence[str], preset: str = "command", where: str = "host") -> Agent:
-    """The agent described by ``[agent]``."""
+def build_agent(
+    command: Sequence[str],
+    preset: str = "command",
+    where: str = "host",
+    *,
+    procs: ProcessTracker | None = None,
+) -> Agent:
+    """The agent described by ``[agent]``; its processes go through ``procs``."""
     if preset != "command" or where != "host":
         raise NotConfigured(f"agent preset {preset!r} where {where!r} is not available")
     if not command:
         return NoAgent()
-    return HostCommandAgent(command)
+    return HostCommandAgent(command, procs=procs)

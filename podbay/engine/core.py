@@ -10,7 +10,8 @@ from podbay.config import Settings
 from podbay.engine.agents import Agent, build_agent
 from podbay.engine.docker import ContainerInfo, DockerProvisioner
 from podbay.engine.jobs import JobRunner
-from podbay.engine.lifecycle import ContainerStats, ProjectManager
+from podbay.engine.lifecycle import ContainerStats, ProjectManager, instance_id
+from podbay.engine.procs import ProcessTracker
 from podbay.engine.store import JobRow, ProjectRow, RunRow, SessionRow, Store
 from podbay.errors import EngineError, NotConfigured, UserError
 from podbay.messages import SessionKey
@@ -40,13 +41,21 @@ class Engine:
     ) -> None:
         self.store = store
         self.settings = settings
+        # Every child podbay starts goes through this tracker: recorded in the store, killed
+        # as a whole tree, and found again after a crash (kill_survivors at start-up).
+        self.procs = ProcessTracker(store, scope=f"podbay-{instance_id(settings.data_dir)}")
         self.agent = agent or build_agent(
-            settings.agent.command, settings.agent.preset, settings.agent.where
+            settings.agent.command,
+            settings.agent.preset,
+            settings.agent.where,
+            procs=self.procs,
         )
         self.provisioner = provisioner
         self.jobs = JobRunner(store)
         self.projects = (
-            ProjectManager(store, settings, provisioner) if provisioner is not None else None
+            ProjectManager(store, settings, provisioner, procs=self.procs)
+            if provisioner is not None
+            else None
         )
 
     # -- projects ---------------------------------------------------------------------

@@ -1021,3 +1021,101 @@ class Store:
         async with self._lock:
             rows = await self._fetchall("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
         return [_audit(r) for r in rows]
+
+    # ---------------------------------------------------------------- processes
+
+    async def process_add(
+        self,
+        kind: str,
+        *,
+        detail: str = "",
+        project: str = "",
+        session_key: str = "",
+        run_id: int | None = None,
+        container: str = "",
+    ) -> ProcessRow:
+        """Record a child about to be started (pid 0 until :meth:`process_started`).
+
+        The row comes first so that its id can tag the child's environment: a crash between
+        fork and :meth:`process_started` still leaves a row that finds the child.
+        """
+        now = self._clock()
+        async with self._lock:
+            _, rowid = await self._execute(
+                """
+                INSERT INTO processes (pid, pgid, start_ticks, kind, detail, project,
+                    session_key, run_id, container, started_at)
+                VALUES (0, 0, 0, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (kind, detail, project, session_key, run_id, container, now),
+            )
+            row = await self._fetchone("SELECT * FROM processes WHERE id = ?", (rowid,))
+        assert row is not None
+        return _process_row(row)
+
+    async def process_started(self, id: int, pid: int, pgid: int, start_ticks: int) -> None:
+        async with self._lock:
+            await self._execute(
+                "UPDATE processes SET pid = ?, pgid = ?, start_ticks = ? WHERE id = ?",
+                (pid, pgid, start_ticks, id),
+            )
+
+    async def process_end(self, id: int) -> None:
+        """Mark a process (and its whole tree) as gone."""
+        async with self._lock:
+            await self._execute(
+                "UPDATE processes SET ended_at = ? WHERE id = ? AND ended_at IS NULL",
+                (self._clock(), id),
+            )
+
+    async def processes_live(self) -> list[ProcessRow]:
+        """Processes not known to have ended, oldest first."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT * FROM processes WHERE ended_at IS NULL ORDER BY id"
+            )
+        return [_process_row(r) for r in rows]
+
+    async def processes_prune(self, keep_s: float = 7 * 86400) -> int:
+        """Forget processes that ended more than ``keep_s`` ago; returns how many."""
+        async with self._lock:
+            count, _ = await self._execute(
+                "DELETE FROM processes WHERE ended_at IS NOT NULL AND ended_at < ?",
+                (self._clock() - keep_s,),
+            )
+        return count
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRow:
+    """A child process podbay started; ``ended_at`` None means it may still run."""
+
+    id: int
+    pid: int
+    pgid: int
+    start_ticks: int
+    kind: str
+    detail: str
+    project: str
+    session_key: str
+    run_id: int | None
+    container: str
+    started_at: float
+    ended_at: float | None
+
+
+def _process_row(row: sqlite3.Row) -> ProcessRow:
+    return ProcessRow(
+        id=row["id"],
+        pid=row["pid"],
+        pgid=row["pgid"],
+        start_ticks=row["start_ticks"],
+        kind=row["kind"],
+        detail=row["detail"],
+        project=row["project"],
+        session_key=row["session_key"],
+        run_id=row["run_id"],
+        container=row["container"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+    )

@@ -23,6 +23,7 @@ from podbay.engine.reconcile import Reconciler
 from podbay.engine.store import Store
 from podbay.errors import ConfigError, EngineError
 from podbay.messages import Reply, SessionKey
+from podbay.supervisor import Supervisor
 from podbay.transports.base import Transport
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Podbay:
         self.engine: Engine | None = None
         self.dispatcher: Dispatcher | None = None
         self._started: list[Transport] = []
+        # Watches every transport; `podbay run` ends when one has failed for good.
+        self.supervisor = Supervisor(settings.data_dir)
 
     def _lock(self) -> None:
         data_dir = self.settings.data_dir
@@ -99,7 +102,7 @@ class Podbay:
                 await self._start_background(self.engine, self.dispatcher)
             await self.dispatcher.recover()
             for transport in self.transports:
-                await transport.start(self.dispatcher.submit)
+                await self.supervisor.start(transport, self.dispatcher.submit)
                 self._started.append(transport)
         except BaseException:
             await self.stop()
@@ -160,6 +163,7 @@ class Podbay:
             except Exception:
                 log.exception("stopping transport %s failed", transport.name)
         self._started.clear()
+        await self.supervisor.close()
         if self._provisioner is not None:
             await self._provisioner.close()
         if self.store is not None:

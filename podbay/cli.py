@@ -25,6 +25,7 @@ from podbay.engine.lifecycle import ProjectManager
 from podbay.engine.ssh import ssh_config_block
 from podbay.engine.store import Store
 from podbay.errors import ConfigError, PodbayError, UserError
+from podbay.supervisor import read_published
 from podbay.transports.base import Transport
 from podbay.transports.console import ConsoleTransport
 from podbay.transports.render import markdown_to_plain
@@ -201,17 +202,25 @@ def _enabled_transports(settings: Settings) -> list[Transport]:
 
 async def _run(settings: Settings) -> int:
     transports = _enabled_transports(settings)
-    async with Podbay(settings, transports=transports):
+    async with Podbay(settings, transports=transports) as bot:
         names = ", ".join(t.name for t in transports)
         log.info("podbay serving on: %s", names)
         stop = _stop_event()
-        waits = {asyncio.create_task(stop.wait())}
+        failed = asyncio.create_task(bot.supervisor.failed.wait())
+        waits = {asyncio.create_task(stop.wait()), failed}
         if len(transports) == 1 and isinstance(transports[0], ConsoleTransport):
             waits.add(asyncio.create_task(transports[0].closed.wait()))
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in waits:
             task.cancel()
-    return 0
+        # A transport that gave up (rejected credentials, a dead task) ends the run: a
+        # podbay that hears nothing must not look alive to systemd or to its users.
+        failures = bot.supervisor.failures()
+        if failures:
+            bot.shutdown_grace_s = min(bot.shutdown_grace_s, 5.0)
+    for state in failures:
+        print(f"podbay: transport {state.describe()}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _stop_event() -> asyncio.Event:
@@ -232,9 +241,14 @@ async def _status(settings: Settings) -> int:
     try:
         async with await Store.open(path) as store:
             engine = Engine(store, settings, provisioner=provisioner)
-            print(markdown_to_plain(render_status(await engine.status())))
+            report = await engine.status()
     finally:
         await provisioner.close()
+    # Transport states come from the running podbay (another process), if there is one.
+    published = await asyncio.to_thread(read_published, settings.data_dir)
+    transports = published.transports if published is not None else ()
+    running = published is not None and published.running
+    print(markdown_to_plain(render_status(report, transports=transports, serving=running)))
     return 0
 
 
@@ -356,6 +370,7 @@ async def _doctor(settings: Settings) -> int:
             problems.append(matrix_problem)
         else:
             notes.append(f"Matrix homeserver {settings.transports.matrix.homeserver} answers")
+    problems.extend(await _check_transports(settings, notes))
     for note in notes:
         print(f"ok: {note}")
     for problem, fix in problems:
@@ -365,6 +380,34 @@ async def _doctor(settings: Settings) -> int:
         return 1
     print("All checks passed.")
     return 0
+
+
+async def _check_transports(settings: Settings, notes: list[str]) -> list[tuple[str, str]]:
+    """The states a running podbay publishes for its transports (see podbay.supervisor)."""
+    published = await asyncio.to_thread(read_published, settings.data_dir)
+    if published is None or not published.running:
+        if settings.transports.matrix.enabled:
+            notes.append("podbay is not running: `podbay run` reports transport states here")
+        return []
+    problems: list[tuple[str, str]] = []
+    for state in published.transports:
+        if state.local:
+            continue
+        if state.status == "reconnecting":
+            problems.append(
+                (
+                    f"transport {state.describe()}",
+                    "podbay keeps retrying with backoff; check that the server is up and "
+                    "reachable from this host",
+                )
+            )
+        elif state.status == "failed":
+            problems.append(
+                (f"transport {state.describe()}", "fix the cause above, then restart podbay")
+            )
+        else:
+            notes.append(f"transport {state.describe()}")
+    return problems
 
 
 async def _check_matrix(settings: Settings) -> tuple[str, str] | None:

@@ -60,7 +60,8 @@ async def cmd_whoami(ctx: CommandContext, inv: Invocation) -> None:
 async def cmd_status(ctx: CommandContext, inv: Invocation) -> None:
     name = inv.args.get("project")
     if not name:
-        await ctx.reply(render_status(await ctx.engine.status()))
+        report = await ctx.engine.status()
+        await ctx.reply(render_status(report, transports=ctx.control.transport_states()))
         return
     project = await ctx.engine.project(name)
     lines = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,6 +14,7 @@ from podbay.config import Settings
 from podbay.engine.core import Engine
 from podbay.engine.jobs import Work
 from podbay.messages import Inbound, MessageRef, Reply, ReplyKind, Sender, SessionKey
+from podbay.transports.base import TransportState
 
 Send = Callable[[SessionKey, Reply], Awaitable[MessageRef | None]]
 Edit = Callable[[MessageRef, Reply], Awaitable[MessageRef | None]]
@@ -63,6 +64,8 @@ class SessionControl(Protocol):
     """What commands may ask of the dispatcher."""
 
     async def stop_session(self, session: SessionKey) -> str: ...
+
+    def transport_states(self) -> Sequence[TransportState]: ...
 
 
 @dataclass

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from podbay.engine.core import StatusReport
 from podbay.engine.store import ProjectRow
+from podbay.transports.base import TransportState
 
 
 def _age(seconds: float) -> str:
@@ -46,10 +48,29 @@ def _project_line(report: StatusReport, project: ProjectRow, now: float) -> str:
     return " · ".join(parts)
 
 
-def render_status(report: StatusReport, now: float | None = None) -> str:
-    """Compact Markdown, readable on a phone."""
+def _transports_line(transports: Sequence[TransportState], serving: bool) -> str | None:
+    shown = [t for t in transports if not t.local]
+    if not shown:
+        return None
+    if not serving:
+        return "**Transports**: podbay is not running (`podbay run` serves them)"
+    marks = {"connected": "", "starting": "", "stopped": "", "reconnecting": "⚠ ", "failed": "⛔ "}
+    return "**Transports**: " + " · ".join(marks[t.status] + t.describe() for t in shown)
+
+
+def render_status(
+    report: StatusReport,
+    now: float | None = None,
+    *,
+    transports: Sequence[TransportState] = (),
+    serving: bool = True,
+) -> str:
+    """Compact Markdown, readable on a phone. ``transports`` are the chat transports'
+    states (the local console is left out); ``serving`` is False when no podbay runs."""
     now = time.time() if now is None else now
     lines: list[str] = []
+    if (line := _transports_line(transports, serving)) is not None:
+        lines.append(line)
     if report.projects:
         lines.append(f"**Projects ({len(report.projects)})**")
         for project in report.projects:

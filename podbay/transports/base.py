@@ -50,6 +50,8 @@ class TransportState:
     attempt: int = 0
     last_error: str | None = None
     since: float = 0.0
+    # The local console: its state is plain to whoever types, so reports leave it out.
+    local: bool = False
 
     def describe(self) -> str:
         if self.status == "reconnecting":
@@ -66,6 +68,7 @@ class TransportState:
             "attempt": self.attempt,
             "last_error": self.last_error,
             "since": self.since,
+            "local": self.local,
         }
 
     @classmethod
@@ -80,6 +83,7 @@ class TransportState:
             attempt=int(attempt) if isinstance(attempt, int | float) else 0,
             last_error=str(error) if error is not None else None,
             since=float(since) if isinstance(since, int | float) else 0.0,
+            local=data.get("local") is True,
         )
 
 
@@ -90,8 +94,8 @@ class Health:
     """What a transport says about itself. Listeners hear every change; ``failed_event``
     is set once the transport has given up (the supervisor ends ``podbay run`` then)."""
 
-    def __init__(self, name: str) -> None:
-        self.state = TransportState(name, since=time.time())
+    def __init__(self, name: str, *, local: bool = False) -> None:
+        self.state = TransportState(name, since=time.time(), local=local)
         self._listeners: list[Callable[[TransportState], None]] = []
         self.failed_event = asyncio.Event()
 
@@ -135,7 +139,9 @@ class Health:
             if finished.cancelled():
                 return
             exc = finished.exception()
-            if exc is not None:
+            if isinstance(exc, TransportFailed):
+                self.failed(str(exc)[:500])  # expected and explained: no traceback
+            elif exc is not None:
                 log.error(
                     "transport %s: task %s died",
                     self.state.name,

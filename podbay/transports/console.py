@@ -76,7 +76,7 @@ class ConsoleTransport:
         self._sent = 0
         self.closed = asyncio.Event()
         self._consumer: asyncio.Task[None] | None = None
-        self.health = Health(self.name)
+        self.health = Health(self.name, local=True)
 
     def _lines(self) -> Iterator[str | _Undecodable]:
         """stdin line by line; bytes are decoded here so that one bad line stays one line."""

@@ -4,8 +4,14 @@
   restart neither logs in again nor creates a device, and resumes where it stopped.
 - On the very first start the history is skipped: nothing from before is ever answered.
 - Invites are joined only from users in ``[access]`` (also those pending at startup).
-- Every sync or send failure, including error *responses*, is retried with capped
-  exponential backoff and jitter; ``M_LIMIT_EXCEEDED`` honours ``retry_after_ms``.
+- Every sync or send failure, including error *responses* and refused or reset
+  connections, is retried through :mod:`podbay.retry` (capped exponential backoff with
+  jitter; ``M_LIMIT_EXCEEDED`` honours ``retry_after_ms``). ``health`` says "reconnecting
+  (attempt n, last error …)" meanwhile. Rejected credentials (``M_UNKNOWN_TOKEN``,
+  ``M_FORBIDDEN`` on login, …) raise :class:`TransportFailed`: the supervisor ends
+  ``podbay run`` with that message instead of retrying for ever.
+- Each event is handled on its own: one that raises is logged under a reference id, its
+  room is told so, and the sync goes on (``next_batch`` advances; nothing is refetched).
 - A limited timeline (a burst larger than the sync filter's limit) is backfilled.
 """
 
@@ -16,8 +22,8 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -28,7 +34,8 @@ from podbay.commands.roles import role_for
 from podbay.config import MatrixTransportConfig, Settings
 from podbay.errors import TransportError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
-from podbay.transports.base import Capabilities, Submit
+from podbay.retry import Backoff, describe, is_transient
+from podbay.transports.base import Capabilities, Health, Submit, TransportFailed
 from podbay.transports.render import markdown_to_html, markdown_to_plain, split_markdown
 
 log = logging.getLogger(__name__)
@@ -37,23 +44,16 @@ IsAllowed = Callable[[str], bool]
 # Matrix events may be 64 KiB; HTML roughly doubles the text, so stay well below.
 MAX_CHUNK = 12000
 TYPING_TIMEOUT_MS = 30000
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, base: float = 0.5, cap: float = 60.0) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def next_delay(self, retry_after_ms: int | None = None) -> float:
-        self.failures += 1
-        if retry_after_ms is not None:
-            return max(retry_after_ms / 1000, 0.05)
-        ceiling = min(self.cap, self.base * (2 ** (self.failures - 1)))
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
+# Error codes that no retry can fix: the credentials are wrong, revoked or deactivated.
+FATAL_ERRCODES = frozenset(
+    {
+        "M_UNKNOWN_TOKEN",
+        "M_MISSING_TOKEN",
+        "M_FORBIDDEN",
+        "M_USER_DEACTIVATED",
+        "M_INVALID_USERNAME",
+    }
+)
 
 
 class MatrixTransport:
@@ -69,11 +69,15 @@ class MatrixTransport:
         is_allowed: IsAllowed,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        backoff: Backoff | None = None,
     ) -> None:
         self.config = config
         self.state_dir = data_dir / "matrix"
         self.is_allowed = is_allowed
         self._sleep = sleep
+        # The sync loop's pace while the homeserver is unreachable.
+        self._backoff = backoff or Backoff()
+        self.health = Health(self.name)
         self._client: Any = None
         self._submit: Submit | None = None
         self._task: asyncio.Task[None] | None = None
@@ -131,10 +135,12 @@ class MatrixTransport:
                 self.config.user_id, state.get("device_id") or self.config.device_id, token
             )
         else:
-            response = await self._client.login(self.config.password, device_name="podbay")
-            if not isinstance(response, LoginResponse):
+            try:
+                response = await self._login(LoginResponse)
+            except BaseException:
                 await self._client.close()
-                raise TransportError(f"Matrix login as {self.config.user_id} failed: {response}")
+                self._client = None
+                raise
             await asyncio.to_thread(
                 self._save, access_token=response.access_token, device_id=response.device_id
             )
@@ -143,8 +149,38 @@ class MatrixTransport:
         if "first_started_at" not in state:
             await asyncio.to_thread(self._save, first_started_at=self._started_at)
         self._task = asyncio.create_task(self._run(state.get("next_batch")), name="matrix-sync")
+        self.health.watch(self._task)
+
+    async def _login(self, login_response: type) -> Any:
+        """Log in with the password; a refused password is fatal, an unreachable server is
+        retried (a few times: ``podbay run`` should not hang at start without saying why)."""
+        backoff = Backoff(self._backoff.base, self._backoff.cap)
+        for attempt in range(1, 6):
+            try:
+                response = await self._client.login(self.config.password, device_name="podbay")
+            except Exception as exc:
+                if not is_transient(exc) or attempt == 5:
+                    raise TransportError(
+                        f"Matrix homeserver {self.config.homeserver} not reachable for the "
+                        f"login as {self.config.user_id}: {describe(exc)}"
+                    ) from exc
+                error = describe(exc)
+            else:
+                if isinstance(response, login_response):
+                    return response
+                if getattr(response, "status_code", None) in FATAL_ERRCODES or attempt == 5:
+                    raise TransportFailed(
+                        f"Matrix rejected the login as {self.config.user_id} "
+                        f"({response.status_code}: {response.message}); check "
+                        "`transports.matrix.password`"
+                    )
+                error = str(response)
+            self.health.reconnecting(attempt, error)
+            await self._sleep(backoff.next_delay())
+        raise AssertionError("unreachable")
 
     async def stop(self) -> None:
+        self.health.stopped()
         for task in [*self._typing.values(), self._task]:
             if task is not None:
                 task.cancel()
@@ -166,40 +202,88 @@ class MatrixTransport:
     async def _run(self, since: str | None) -> None:
         from nio import SyncResponse
 
-        backoff = Backoff()
+        backoff = self._backoff
         first = since is None
         # nio keeps room state (members, names) in memory only: the first sync of every
         # process asks for the full state, or DMs would look like group rooms after a restart.
         full_state = True
         while True:
-            response = await self._client.sync(
-                timeout=0 if first else 30000,
-                sync_filter=self._filter(),
-                since=since,
-                full_state=full_state,
-            )
-            if not isinstance(response, SyncResponse):
-                delay = backoff.next_delay(_retry_after(response))
-                log.warning("Matrix sync failed (%s); retrying in %.1f s", response, delay)
-                await self._sleep(delay)
-                continue
-            backoff.reset()
             try:
-                if first:
-                    # The very first start: history is not ours to answer; only invites count.
-                    await self._handle_invites(response)
-                else:
-                    await self._handle(response, catching_up=not self.ready.is_set())
+                response = await self._client.sync(
+                    timeout=0 if first else 30000,
+                    sync_filter=self._filter(),
+                    since=since,
+                    full_state=full_state,
+                )
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("handling a Matrix sync failed; it will be fetched again")
-                await self._sleep(backoff.next_delay())
+            except Exception as exc:
+                # A sync is safe to repeat (same ``since``): every failure is retried, the
+                # expected ones (refused, reset, timeouts) without a traceback.
+                await self._sync_failed(describe(exc), None, exc_info=not is_transient(exc))
                 continue
+            if not isinstance(response, SyncResponse):
+                if getattr(response, "status_code", None) in FATAL_ERRCODES:
+                    raise TransportFailed(
+                        f"Matrix rejected podbay's access token for {self.user_id} "
+                        f"({response.status_code}: {response.message}); set a fresh "
+                        "`transports.matrix.access_token`, or delete "
+                        f"{self.state_dir / 'state.json'} to log in again with the password"
+                    )
+                await self._sync_failed(_describe_response(response), _retry_after(response))
+                continue
+            backoff.reset()
+            self.health.connected()
+            if first:
+                # The very first start: history is not ours to answer; only invites count.
+                await self._isolated("invites", None, self._handle_invites(response))
+            else:
+                await self._handle(response, catching_up=not self.ready.is_set())
+            # Always advance: a batch is never fetched twice, so one bad event cannot
+            # make the loop retry the same batch for ever.
             since = response.next_batch
             await asyncio.to_thread(self._save, next_batch=since)
             first = full_state = False
             self.ready.set()
+
+    async def _sync_failed(
+        self, error: str, retry_after_ms: int | None, *, exc_info: bool = False
+    ) -> None:
+        delay = self._backoff.next_delay(
+            retry_after_ms / 1000 if retry_after_ms is not None else None
+        )
+        attempt = self._backoff.failures
+        self.health.reconnecting(attempt, error)
+        log.warning(
+            "Matrix sync failed (attempt %d: %s); retrying in %.1f s",
+            attempt,
+            error,
+            delay,
+            exc_info=exc_info,
+        )
+        await self._sleep(delay)
+
+    async def _isolated(self, what: str, room_id: str | None, step: Awaitable[Any]) -> Any:
+        """Run one step of handling a sync; a failure is logged under a reference id (and
+        told to the room) instead of stopping the rest of the batch."""
+        try:
+            return await step
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            ref = secrets.token_hex(4)
+            log.exception("Matrix: handling %s in %s failed [ref %s]", what, room_id, ref)
+            if room_id is not None:
+                with contextlib.suppress(Exception):
+                    await self.send(
+                        SessionKey("matrix", room_id),
+                        Reply(
+                            f"A message here could not be handled (ref {ref}); it was "
+                            "skipped. Please resend it, or tell the operator the ref.",
+                            "error",
+                        ),
+                    )
+            return None
 
     async def _handle_invites(self, response: Any) -> None:
         for room_id, info in response.rooms.invite.items():
@@ -218,26 +302,33 @@ class MatrixTransport:
                 log.info("ignoring invite to %s from %s (not in [access])", room_id, inviter)
 
     async def _handle(self, response: Any, *, catching_up: bool) -> None:
-        await self._handle_invites(response)
+        await self._isolated("invites", None, self._handle_invites(response))
         for room_id, info in response.rooms.join.items():
-            events = list(info.timeline.events)
-            if info.timeline.limited and info.timeline.prev_batch:
-                events = await self._backfill(room_id, info.timeline.prev_batch) + events
-            missed = False
-            for event in events:
-                handled = await self._event(room_id, event, catching_up)
-                missed = missed or handled == "missed"
-            if self.config.leave_when_alone and await self._leave_if_alone(room_id):
-                continue
-            if missed:
-                await self.send(
-                    SessionKey("matrix", room_id),
-                    Reply(
-                        "Some messages arrived while podbay was offline and are too old "
-                        "to act on: missed while offline — please resend.",
-                        "error",
-                    ),
-                )
+            await self._isolated("the room", room_id, self._room(room_id, info, catching_up))
+
+    async def _room(self, room_id: str, info: Any, catching_up: bool) -> None:
+        events = list(info.timeline.events)
+        if info.timeline.limited and info.timeline.prev_batch:
+            backfilled = await self._isolated(
+                "the backfill", None, self._backfill(room_id, info.timeline.prev_batch)
+            )
+            events = (backfilled or []) + events
+        missed = False
+        for event in events:
+            what = f"event {getattr(event, 'event_id', '?')}"
+            handled = await self._isolated(what, room_id, self._event(room_id, event, catching_up))
+            missed = missed or handled == "missed"
+        if self.config.leave_when_alone and await self._leave_if_alone(room_id):
+            return
+        if missed:
+            await self.send(
+                SessionKey("matrix", room_id),
+                Reply(
+                    "Some messages arrived while podbay was offline and are too old "
+                    "to act on: missed while offline — please resend.",
+                    "error",
+                ),
+            )
 
     async def _leave_if_alone(self, room_id: str) -> bool:
         """Leave a room in which no user from [access] is left (after someone left)."""
@@ -363,16 +454,29 @@ class MatrixTransport:
     async def _retry(self, what: str, call: Callable[[], Awaitable[Any]], attempts: int = 6) -> Any:
         from nio import ErrorResponse
 
-        backoff = Backoff()
-        response: Any = None
-        for _ in range(attempts):
-            response = await call()
-            if not isinstance(response, ErrorResponse):
-                return response
-            delay = backoff.next_delay(_retry_after(response))
-            log.warning("Matrix %s failed (%s); retrying in %.1f s", what, response, delay)
+        backoff = Backoff(self._backoff.base, self._backoff.cap)
+        failure: str = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise TransportError(f"Matrix {what} failed: {describe(exc)}") from exc
+                failure, retry_after_ms = describe(exc), None
+            else:
+                if not isinstance(response, ErrorResponse):
+                    return response
+                failure, retry_after_ms = str(response), _retry_after(response)
+            if attempt == attempts:
+                break
+            delay = backoff.next_delay(
+                retry_after_ms / 1000 if retry_after_ms is not None else None
+            )
+            log.warning("Matrix %s failed (%s); retrying in %.1f s", what, failure, delay)
             await self._sleep(delay)
-        raise TransportError(f"Matrix {what} failed after {attempts} attempts: {response}")
+        raise TransportError(f"Matrix {what} failed after {attempts} attempts: {failure}")
 
     def _content(self, text: str) -> dict[str, Any]:
         return {
@@ -445,3 +549,13 @@ def _retry_after(response: Any) -> int | None:
         value = getattr(response, "retry_after_ms", None)
         return int(value) if value is not None else None
     return None
+
+
+def _describe_response(response: Any) -> str:
+    """An error response for a status line: the HTTP status matters when a proxy in front
+    of the homeserver answers (502 while Synapse restarts), the errcode otherwise."""
+    status = getattr(getattr(response, "transport_response", None), "status", None)
+    code = getattr(response, "status_code", None)
+    message = getattr(response, "message", None) or "unknown error"
+    text = f"{code}: {message}" if code else message
+    return f"HTTP {status} ({text})" if isinstance(status, int) else text

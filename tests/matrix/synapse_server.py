@@ -189,6 +189,25 @@ class SynapseServer:
         await self._terminate()
         await self._remove_directory()
 
+    async def pause(self) -> None:
+        """Stop the homeserver process (an outage) but keep its port, database and keys."""
+        if self._process is None:
+            raise SynapseError("Synapse is not running")
+        await self._terminate()
+
+    async def resume(self) -> None:
+        """Start the paused homeserver again: same port, same database, same users."""
+        if self._process is not None:
+            raise SynapseError("Synapse is already running")
+        if self._directory is None or self._port is None:
+            raise SynapseError("Synapse was never started")
+        await self._spawn()
+        try:
+            await self._wait_until_ready()
+        except BaseException:
+            await self._terminate()
+            raise
+
     async def _spawn(self) -> None:
         def spawn() -> subprocess.Popen[bytes]:
             with open(self.stderr_path, "wb") as output:

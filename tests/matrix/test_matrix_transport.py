@@ -21,16 +21,6 @@ from podbay.config import Settings
 from podbay.transports.matrix import MatrixTransport
 
 
-@pytest.fixture
-async def synapse(tmp_path: Path) -> AsyncIterator[SynapseServer]:
-    server = SynapseServer(tmp_path / "synapse")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 @dataclass
 class Human:
     """A person in a Matrix client: sends messages, reads the bot's notices."""
@@ -444,16 +434,19 @@ async def test_the_bot_leaves_a_room_where_no_allowed_user_remains(world: Matrix
 
 
 def test_backoff_grows_with_jitter_is_capped_and_honours_retry_after() -> None:
-    from podbay.transports.matrix import Backoff
+    from podbay.retry import Backoff, max_attempts_within
 
     backoff = Backoff(base=0.5, cap=8)
     delays = [backoff.next_delay() for _ in range(8)]
     ceilings = [min(8, 0.5 * 2**i) for i in range(8)]
     assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
     assert max(delays) <= 8
-    assert backoff.next_delay(retry_after_ms=2500) == 2.5
+    assert backoff.next_delay(retry_after_s=2.5) == 2.5
+    assert backoff.next_delay(retry_after_s=600) == 8, "a server's wait is capped too"
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+    # Minimum waits 0.25, 0.5, 1, 2, 4 add up to 7.75 s: 8 s hold at most 6 attempts.
+    assert max_attempts_within(Backoff(base=0.5, cap=8), 8) == 6
 
 
 async def test_a_burst_larger_than_the_sync_limit_is_backfilled(world: MatrixWorld) -> None:

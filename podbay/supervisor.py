@@ -50,6 +50,7 @@ class Supervisor:
         self.failed = asyncio.Event()
         self._writing: asyncio.Task[None] | None = None
         self._dirty = False
+        self._closed = False
 
     def health(self, transport: Transport) -> Health:
         if isinstance(transport, Supervised):
@@ -101,7 +102,9 @@ class Supervisor:
     async def _write_loop(self) -> None:
         while self._dirty:
             self._dirty = False
-            payload = {"pid": os.getpid(), "written_at": time.time(), "transports": [
+            # A stopped podbay names no pid: nobody serves these transports any more.
+            pid = None if self._closed else os.getpid()
+            payload = {"pid": pid, "written_at": time.time(), "transports": [
                 s.to_json() for s in self.states()
             ]}  # fmt: skip
             try:
@@ -116,7 +119,7 @@ class Supervisor:
             health.stopped()
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
-        self._dirty = True
+        self._closed = self._dirty = True
         await self._write_loop()
 
 

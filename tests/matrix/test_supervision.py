@@ -206,3 +206,53 @@ async def test_a_wrong_password_ends_podbay_run_with_a_clear_error(
     assert code != 0
     assert "M_FORBIDDEN" in err and bot_id in err, err
     assert "Traceback" not in err and "wrong" not in err.replace("wrong password", "")
+
+
+async def podbay_cli(tmp_path: Path, config: str, *args: str) -> tuple[int, str]:
+    path = tmp_path / "cli-config.toml"
+    path.write_text(config)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "podbay", *args,
+        "--config", str(path), "--data-dir", str(tmp_path / "data"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_status_and_doctor_show_a_refused_homeserver_and_the_recovery(
+    synapse: SynapseServer, tmp_path: Path
+) -> None:
+    tag = secrets.token_hex(3)
+    bot_id = await synapse.register(f"podbay{tag}", "bot-password")
+    settings = bot_settings(synapse, tmp_path / "data", bot_id, [])
+    transport = transport_for(settings, backoff=Backoff(base=0.2, cap=1.0))
+    bot = Podbay(settings, transports=[transport], agent=FakeAgent(0.0), docker=False)
+    config = matrix_config(synapse, bot_id, 'password = "bot-password"')
+    await bot.start()
+    try:
+        await asyncio.wait_for(transport.ready.wait(), 30)
+        code, out = await podbay_cli(tmp_path, config, "status")
+        assert code == 0 and "Transports: matrix: connected" in out, out
+        code, out = await podbay_cli(tmp_path, config, "doctor")
+        assert "ok: transport matrix: connected" in out, out
+
+        await synapse.pause()  # nothing listens on the port now: connections are refused
+        await wait_for_state(transport, lambda s: s.attempt >= 2)
+        code, out = await podbay_cli(tmp_path, config, "status")
+        assert "Transports: ⚠ matrix: reconnecting (attempt " in out, out
+        assert "last error: connection refused)" in out
+        code, out = await podbay_cli(tmp_path, config, "doctor")
+        assert code == 1 and "problem: transport matrix: reconnecting (attempt " in out, out
+
+        await synapse.resume()
+        await wait_for_state(transport, lambda s: s.status == "connected")
+        code, out = await podbay_cli(tmp_path, config, "status")
+        assert "Transports: matrix: connected" in out, out
+    finally:
+        await bot.stop()
+    code, out = await podbay_cli(tmp_path, config, "status")
+    assert "Transports: podbay is not running" in out, out

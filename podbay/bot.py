@@ -85,6 +85,8 @@ class Podbay:
         self._lock_file = handle
 
     async def start(self) -> None:
+        """Open the store, kill what a crashed run left behind, start the transports, then
+        recover and reconcile (so their notices reach the chats) before dispatching."""
         self._lock()
         try:
             self.store = await Store.open(database_path(self.settings))
@@ -97,13 +99,18 @@ class Podbay:
             self.dispatcher = Dispatcher(self.engine, registry, self.settings)
             for transport in self.transports:
                 self.dispatcher.attach(transport)
-            if self.engine.projects is not None:
-                self.engine.projects.cancel_runs = self.dispatcher.cancel_project_runs
-                await self._start_background(self.engine, self.dispatcher)
-            await self.dispatcher.recover()
+            # Survivors of a crash (an agent, a git clone) die before anything else happens:
+            # an orphaned clone must never touch a project re-created under its name.
+            survivors = await self.engine.procs.kill_survivors()
+            # Transports start first so recovery notices reach them; until recover() has
+            # run, the dispatcher only records what arrives (in the inbox) and holds it.
             for transport in self.transports:
                 await self.supervisor.start(transport, self.dispatcher.submit)
                 self._started.append(transport)
+            if self.engine.projects is not None:
+                self.engine.projects.cancel_runs = self.dispatcher.cancel_project_runs
+                await self._start_background(self.engine, self.dispatcher)
+            await self.dispatcher.recover(survivors)
         except BaseException:
             await self.stop()
             raise

@@ -30,6 +30,7 @@ from podbay.commands.roles import Role, role_for
 from podbay.config import Settings
 from podbay.engine.agents import AgentRun, FinishedEvent, RunRequest, TextEvent
 from podbay.engine.core import Engine
+from podbay.engine.procs import ProcessesSurvived
 from podbay.engine.store import InboxRow, InboxStatus, ProjectRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
@@ -607,6 +608,7 @@ class Dispatcher:
                 await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True, mode=0o700)
             request = RunRequest(
                 prompt=prompt,
+                run_id=run_id,
                 session=str(state.key),
                 project=project.name if project else "",
                 workdir=workdir,
@@ -628,13 +630,15 @@ class Dispatcher:
                     elif isinstance(event, FinishedEvent):
                         finished = event
         except asyncio.CancelledError:
-            if run is not None:
-                await run.cancel()
+            survivors = await self._cancel(run, state.key)
+            if survivors:
+                await self.store.run_finish_if_active(
+                    run_id, "cancelled", error=f"stopped; still running: {survivors}"
+                )
             await self._cancelled(run_id, ids)
             raise
         except TimeoutError:
-            if run is not None:
-                await run.cancel()
+            await self._cancel(run, state.key)
             finished = FinishedEvent(
                 ok=False, error=f"timed out after {self.settings.agent.timeout_s} s; stopped"
             )
@@ -647,10 +651,29 @@ class Dispatcher:
         except Exception as exc:
             ref = secrets.token_hex(4)
             log.exception("agent run %s failed [ref %s]", run_id, ref)
-            if run is not None:
-                await run.cancel()
+            await self._cancel(run, state.key)
             finished = FinishedEvent(ok=False, error=f"internal error (ref {ref}): {exc}")
         await self._record(state, run_id, ids, project.name if project else "", finished)
+
+    async def _cancel(self, run: AgentRun | None, session: SessionKey) -> str:
+        """Stop ``run``; processes that survived it are reported, never silently left."""
+        if run is None:
+            return ""
+        try:
+            await run.cancel()
+        except ProcessesSurvived as exc:
+            pids = ", ".join(str(p) for p in exc.pids)
+            log.error("processes of an agent run in %s survived the stop: %s", session, pids)
+            await self.send(
+                session,
+                Reply(
+                    f"Stopping the agent left processes running (pids {pids}); podbay "
+                    "could not kill them. Check the host (`ps`), and tell an admin.",
+                    "error",
+                ),
+            )
+            return pids
+        return ""
 
     async def _record(
         self,

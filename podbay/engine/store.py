@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
@@ -158,6 +158,31 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )
         """,
     ),
+    (
+        # The whole Inbound as JSON (aliases, ambient, by_reaction ...): a replay after a
+        # crash must see exactly what arrived. Rows from before this migration keep ''.
+        "ALTER TABLE inbox ADD COLUMN inbound TEXT NOT NULL DEFAULT ''",
+        # Every child process podbay starts (agent, git, ssh-keygen ...), so that the next
+        # start can kill the survivors of a crash. start_ticks is /proc/<pid>/stat field 22:
+        # with the pid it identifies the process even after the pid is reused.
+        """
+        CREATE TABLE processes (
+            id INTEGER PRIMARY KEY,
+            pid INTEGER NOT NULL,
+            pgid INTEGER NOT NULL,
+            start_ticks INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            project TEXT NOT NULL DEFAULT '',
+            session_key TEXT NOT NULL DEFAULT '',
+            run_id INTEGER,
+            container TEXT NOT NULL DEFAULT '',
+            started_at REAL NOT NULL,
+            ended_at REAL
+        )
+        """,
+        "CREATE INDEX processes_live ON processes (ended_at)",
+    ),
 ]
 
 _RESTARTED = "podbay restarted"
@@ -189,7 +214,7 @@ class ProjectRow:
 
 @dataclass(frozen=True, slots=True)
 class InboxRow:
-    """An inbox entry; ``inbound`` is rebuilt from the stored columns (without aliases)."""
+    """An inbox entry; ``inbound`` is exactly what arrived (its text as stored, redacted)."""
 
     id: int
     inbound: Inbound
@@ -288,16 +313,42 @@ def _project(row: sqlite3.Row) -> ProjectRow:
     )
 
 
-def _inbox(row: sqlite3.Row) -> InboxRow:
-    inbound = Inbound(
-        session=SessionKey(row["transport"], row["conversation"], row["thread"]),
-        sender=Sender(row["transport"], row["sender_id"], row["sender_name"]),
-        text=row["text"],
-        platform_id=row["platform_id"],
-        received_at=row["received_at"],
-        is_direct=bool(row["is_direct"]),
-        mentioned=bool(row["mentioned"]),
+def inbound_to_json(inbound: Inbound, text: str) -> str:
+    """Every field of ``inbound`` (with ``text`` in place of its text) as JSON."""
+    data = asdict(inbound)
+    data["text"] = text
+    return json.dumps(data, ensure_ascii=False)
+
+
+def inbound_from_json(raw: str) -> Inbound:
+    data = json.loads(raw)
+    return Inbound(
+        session=SessionKey(**data["session"]),
+        sender=Sender(**data["sender"]),
+        text=data["text"],
+        platform_id=data["platform_id"],
+        received_at=data["received_at"],
+        is_direct=bool(data["is_direct"]),
+        mentioned=bool(data["mentioned"]),
+        aliases=tuple(data.get("aliases") or ()),
+        ambient=bool(data.get("ambient", True)),
+        by_reaction=bool(data.get("by_reaction", False)),
     )
+
+
+def _inbox(row: sqlite3.Row) -> InboxRow:
+    if row["inbound"]:
+        inbound = inbound_from_json(row["inbound"])
+    else:  # stored before migration 2: only these columns exist
+        inbound = Inbound(
+            session=SessionKey(row["transport"], row["conversation"], row["thread"]),
+            sender=Sender(row["transport"], row["sender_id"], row["sender_name"]),
+            text=row["text"],
+            platform_id=row["platform_id"],
+            received_at=row["received_at"],
+            is_direct=bool(row["is_direct"]),
+            mentioned=bool(row["mentioned"]),
+        )
     return InboxRow(
         id=row["id"],
         inbound=inbound,
@@ -505,13 +556,14 @@ class Store:
         ``text`` replaces ``inbound.text`` in storage (callers pass a redacted copy).
         """
         session = inbound.session
+        stored = inbound.text if text is None else text
         async with self._lock:
             count, rowid = await self._execute(
                 """
                 INSERT INTO inbox (transport, platform_id, session_key, conversation, thread,
-                    sender_id, sender_name, is_direct, mentioned, text, status,
+                    sender_id, sender_name, is_direct, mentioned, text, inbound, status,
                     received_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
                 ON CONFLICT (transport, platform_id) DO NOTHING
                 """,
                 (
@@ -524,7 +576,8 @@ class Store:
                     inbound.sender.display_name,
                     int(inbound.is_direct),
                     int(inbound.mentioned),
-                    inbound.text if text is None else text,
+                    stored,
+                    inbound_to_json(inbound, stored),
                     inbound.received_at,
                     self._clock(),
                 ),
@@ -720,6 +773,12 @@ class Store:
         async with self._lock:
             return await self._project_get(name)
 
+    async def project_names(self) -> list[str]:
+        """Names of all projects (cheap: for parsing every message)."""
+        async with self._lock:
+            rows = await self._fetchall("SELECT name FROM projects")
+        return [str(r[0]) for r in rows]
+
     async def project_list(self) -> list[ProjectRow]:
         """All projects ordered by name."""
         async with self._lock:
@@ -756,6 +815,77 @@ class Store:
         async with self._lock:
             count, _ = await self._execute("DELETE FROM projects WHERE name = ?", (name,))
         return count > 0
+
+    async def project_reserve(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        port_range: tuple[int, int],
+        port_is_free: Callable[[int], bool],
+        stack: str = "",
+        git_url: str = "",
+        created_by: str = "",
+        settings: dict[str, Any] | None = None,
+    ) -> ProjectRow:
+        """Reserve name, source path and SSH port in ONE transaction (a 'creating' row).
+
+        StoreError (with a message for the user) if the name is taken, the path equals, is
+        inside or contains another project's source, or no port in ``port_range`` is both
+        unregistered and free (``port_is_free``, e.g. not bound on 127.0.0.1).
+        """
+        wanted = Path(path)
+        now = self._clock()
+        async with self._tx():
+            if await self._project_get(name) is not None:
+                raise StoreError(f"A project named `{name}` already exists; pick another.")
+            rows = await self._fetchall("SELECT name, path, ssh_port FROM projects")
+            for row in rows:
+                other = Path(row["path"])
+                if wanted == other:
+                    relation = "is already the source of"
+                elif wanted.is_relative_to(other):
+                    relation = "is inside the source of"
+                elif other.is_relative_to(wanted):
+                    relation = "contains the source of"
+                else:
+                    continue
+                raise StoreError(
+                    f"Cannot create `{name}`: `{wanted}` {relation} project "
+                    f"`{row['name']}` (`{other}`); projects never share source folders, so "
+                    "pick a separate --path."
+                )
+            used = {int(r["ssh_port"]) for r in rows if r["ssh_port"] is not None}
+            low, high = port_range
+            port = next(
+                (p for p in range(low, high + 1) if p not in used and port_is_free(p)), None
+            )
+            if port is None:
+                raise StoreError(
+                    f"No free SSH port left in {low}-{high}: delete a project or widen "
+                    "`projects.ssh_port_range` in the config."
+                )
+            await self._execute(
+                """
+                INSERT INTO projects (name, stack, path, git_url, ssh_port, state,
+                    created_by, settings, created_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?)
+                """,
+                (
+                    name,
+                    stack,
+                    str(wanted),
+                    git_url,
+                    port,
+                    created_by,
+                    json.dumps(settings or {}),
+                    now,
+                    now,
+                ),
+            )
+            reserved = await self._project_get(name)
+        assert reserved is not None  # inserted in the same transaction
+        return reserved
 
     async def ports_in_use(self) -> set[int]:
         """SSH ports assigned to any project."""
@@ -818,6 +948,18 @@ class Store:
             )
         if not count:
             raise StoreError(f"run {run_id} does not exist")
+
+    async def run_finish_if_active(self, run_id: int, status: RunStatus, *, error: str) -> bool:
+        """Finish a run that is still pending or running; False if it had already ended."""
+        async with self._lock:
+            count, _ = await self._execute(
+                """
+                UPDATE runs SET status = ?, finished_at = ?, error = ?
+                WHERE id = ? AND status IN ('pending', 'running')
+                """,
+                (status, self._clock(), error, run_id),
+            )
+        return count > 0
 
     async def run_event(self, run_id: int, kind: str, data: str) -> None:
         """Append an event to a run; events are numbered 1, 2, ... per run."""

@@ -352,6 +352,11 @@ async def _doctor(settings: Settings) -> int:
         problems.append(docker_problem)
     else:
         notes.append("Docker engine reachable")
+        cpus_problem, cpus_note = await asyncio.to_thread(_check_cpus, settings)
+        if cpus_problem:
+            problems.append(cpus_problem)
+        if cpus_note:
+            notes.append(cpus_note)
     command = settings.agent.command
     if not command:
         notes.append("no agent configured: freeform messages will explain how to set one")
@@ -440,6 +445,35 @@ async def _check_matrix(settings: Settings) -> tuple[str, str] | None:
             "check `transports.matrix.homeserver` and the network",
         )
     return None
+
+
+def _check_cpus(settings: Settings) -> tuple[tuple[str, str] | None, str]:
+    """docker.cpus against the engine's CPUs (the engine may be another machine).
+
+    A default above the host is clamped at use (a note); a configured one is a problem.
+    """
+    from docker.client import DockerClient
+
+    cpus = settings.docker.cpus
+    try:
+        client = DockerClient.from_env(timeout=5)
+        try:
+            host = int(client.info().get("NCPU") or 1)
+        finally:
+            client.close()
+    except Exception:
+        return None, ""  # _check_docker already reports an unreachable engine
+    if cpus <= host:
+        return None, f"docker.cpus = {cpus:g} fits the Docker engine's {host} CPUs"
+    if "cpus" in settings.docker.model_fields_set:
+        return (
+            f"docker.cpus = {cpus:g} is more than the Docker engine's {host} CPUs",
+            f"set `docker.cpus` to at most {host} (projects are limited to {host} meanwhile)",
+        ), ""
+    return None, (
+        f"the default docker.cpus = {cpus:g} is more than the Docker engine's {host} CPUs; "
+        f"projects get {host} (set `docker.cpus` to silence this)"
+    )
 
 
 def _check_docker() -> tuple[str, str] | None:

@@ -175,8 +175,12 @@ class DockerConfig(_Section):
         default_factory=list,
         description="PEM files of extra CAs (a TLS-intercepting proxy) trusted in images.",
     )
-    cpus: float = Field(2.0, gt=0, description="Default CPU limit per project.")
-    memory: str = Field("4g", description="Default memory limit per project.")
+    cpus: float = Field(
+        2.0,
+        ge=0.01,
+        description="Default CPU limit per project (at most the Docker engine's CPUs are used).",
+    )
+    memory: str = Field("4g", description="Default memory limit per project (at least 6m).")
     pids_limit: int = Field(1024, ge=16, description="Process limit per project container.")
     ready_timeout_s: float = Field(60.0, gt=0, description="How long to wait for sshd.")
     reconcile_interval_s: float = Field(
@@ -185,6 +189,19 @@ class DockerConfig(_Section):
     stats_interval_s: float = Field(
         30.0, gt=0, description="How often CPU and memory of containers are sampled."
     )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_docker_accepts(cls, value: str) -> str:
+        # The same bounds as --memory, checked at start rather than at the first project.
+        from podbay.engine.projects import parse_memory
+        from podbay.errors import UserError
+
+        try:
+            parse_memory(value, "docker.memory")
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class SshConfig(_Section):

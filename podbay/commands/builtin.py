@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from podbay.commands.confirm import Proposal
 from podbay.commands.context import CommandContext
 from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry
 from podbay.commands.roles import Role
 from podbay.commands.status import render_status
-from podbay.engine import git
 from podbay.errors import UserError
 
 CONTROL_COMMANDS = ("help", "status", "stop", "use", "whoami", "confirm", "cancel")
@@ -74,10 +72,9 @@ async def cmd_status(ctx: CommandContext, inv: Invocation) -> None:
     cpus = project.settings.get("cpus")
     if cpus is not None:
         lines.append(f"limits: {float(cpus):g} CPUs, {project.settings.get('memory')} memory")
-    summary = await git.summary(Path(project.path))
-    if summary is not None:
-        remote = f" · remote {summary.remote}" if summary.remote else ""
-        lines.append(f"git: branch {summary.branch} · {summary.dirty} uncommitted{remote}")
+    if ctx.engine.projects is not None:
+        # Read inside the container as dev: host git must never open a tree it can write.
+        lines.append(await ctx.engine.projects.git_status(project))
     runs = await ctx.engine.store.runs_recent(project=project.name, limit=5)
     if runs:
         lines.append("recent runs:")

@@ -33,7 +33,8 @@ async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
         memory=check_memory(inv.opt("memory")),
         token=token,
     )
-    plan = await manager.plan(request)  # every check; nothing is created before the job
+    # Every check, then name, path and port are reserved; nothing else exists before the job.
+    plan = await manager.plan(request)
     progress = ctx.progress()
 
     async def work(job: JobHandle) -> str:
@@ -51,8 +52,12 @@ async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
         lines.append("Freeform messages here now go to its agent.")
         return "\n".join(lines)
 
-    await progress.update(f"Creating `{name}` at `{plan.path}`…")
-    await ctx.start_job(name, "new project", work)
+    try:
+        await progress.update("\n".join([f"Creating `{name}` at `{plan.path}`…", *plan.notes]))
+        await ctx.start_job(name, "new project", work)
+    except BaseException:
+        await manager.release(plan)  # the job never started: give the reservation back
+        raise
 
 
 async def cmd_delete(ctx: CommandContext, inv: Invocation) -> None:

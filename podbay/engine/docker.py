@@ -43,9 +43,27 @@ class ContainerSpec:
     network: Literal["bridge", "host"]
     ssh_port: int
     cpus: float
-    memory: str
+    memory_bytes: int
     pids_limit: int
     bridge_network: str = "podbay"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine behind ``DOCKER_HOST`` has (it may be another machine)."""
+
+    cpus: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A finished (or timed-out) command run inside a container."""
+
+    exit_code: int | None  # None when it timed out before the engine reported one
+    stdout: str
+    stderr: str
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,11 @@ class DockerProvisioner:
     async def ping(self) -> None:
         await self._call("ping", lambda: self._docker().ping())
 
+    async def engine_info(self) -> EngineInfo:
+        """CPUs and memory of the engine's machine (``docker info``), not of podbay's."""
+        info = await self._call("info", lambda: self._docker().info())
+        return EngineInfo(int(info.get("NCPU") or 1), int(info.get("MemTotal") or 0))
+
     # -- images -----------------------------------------------------------------------
 
     async def image_exists(self, tag: str) -> bool:
@@ -222,7 +245,7 @@ class DockerProvisioner:
                 "cap_drop": ["ALL"],
                 "security_opt": ["no-new-privileges"],
                 "nano_cpus": int(spec.cpus * 1e9),
-                "mem_limit": spec.memory,
+                "mem_limit": spec.memory_bytes,
                 "pids_limit": spec.pids_limit,
                 "restart_policy": {"Name": "unless-stopped"},
                 "volumes": {
@@ -311,6 +334,70 @@ class DockerProvisioner:
             return bytes(raw).decode(errors="replace")
 
         return str(await self._call("logs", run))
+
+    # -- commands inside containers ---------------------------------------------------
+
+    def _exec_create(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        user: str,
+        workdir: str,
+        env: Mapping[str, str] | None,
+        stdin: bool = False,
+    ) -> str:
+        """Create (not start) an exec; shared by exec_run and a future streaming exec."""
+        created = self._docker().api.exec_create(
+            name,
+            argv,
+            stdout=True,
+            stderr=True,
+            stdin=stdin,
+            tty=False,
+            user=user,
+            workdir=workdir,
+            environment=dict(env or {}),
+            privileged=False,
+        )
+        return str(created["Id"])
+
+    async def exec_run(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        user: str,
+        workdir: str = "/workspace",
+        timeout_s: float = 10.0,
+        env: Mapping[str, str] | None = None,
+        max_output: int = 1 << 20,
+    ) -> ExecResult:
+        """Run ``argv`` in the running container ``name`` as ``user`` and collect its output.
+
+        Inside the container, coreutils' ``timeout`` ends the command (SIGTERM, then SIGKILL
+        2 s later) so the engine's exec finishes; podbay stops waiting shortly after that
+        in any case. Output beyond ``max_output`` bytes per stream is cut off.
+        """
+        limit = max(1, int(timeout_s + 0.999))
+        wrapped = ["timeout", "-k", "2", str(limit), *argv]
+
+        def run() -> tuple[int | None, bytes, bytes]:
+            exec_id = self._exec_create(name, wrapped, user=user, workdir=workdir, env=env)
+            api = self._docker().api
+            out, err = api.exec_start(exec_id, demux=True)
+            code = api.exec_inspect(exec_id).get("ExitCode")
+            return code, (out or b"")[:max_output], (err or b"")[:max_output]
+
+        try:
+            code, out, err = await asyncio.wait_for(self._call("exec", run), timeout=timeout_s + 5)
+        except TimeoutError:
+            return ExecResult(None, "", "", timed_out=True)
+        # 124: timeout(1) ended it; 137: its SIGKILL after the grace.
+        timed_out = code in (124, 137)
+        return ExecResult(
+            code, out.decode(errors="replace"), err.decode(errors="replace"), timed_out
+        )
 
     async def stats(self, name: str) -> tuple[float, int, int]:
         """(CPU percent, memory bytes, memory limit) from one non-streaming sample."""

@@ -1,12 +1,15 @@
-"""Git on the host: hardened clone, init, and a short summary for status."""
+"""Git on the host, only for folders podbay just made (clone, init) before any container runs
+there; plus the parser of the status that is read inside the container."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from podbay.engine.procs import ProcessTracker
 from podbay.errors import EngineError, UserError
 
 # Git variables the operator may set on purpose (a CA bundle, an ssh key); every other
@@ -29,12 +32,36 @@ def _git_env() -> dict[str, str]:
     return env
 
 
-async def _git(*args: str, cwd: Path | None = None, timeout_s: float = 60) -> str:
+async def _git(
+    *args: str,
+    cwd: Path | None = None,
+    timeout_s: float = 60,
+    procs: ProcessTracker | None = None,
+) -> str:
+    if procs is not None:
+        # Recorded and killed as a whole tree (git-remote-https included), so an orphaned
+        # clone can never outlive podbay and later delete a re-created project's .git.
+        try:
+            done = await procs.run(
+                "git",
+                *args,
+                kind="git",
+                detail=f"git {_verb(args)}",
+                cwd=cwd,
+                env=_git_env(),
+                timeout_s=timeout_s,
+            )
+        except TimeoutError:
+            raise UserError(f"git {_verb(args)} timed out after {int(timeout_s)} s") from None
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace")
+            lines = [ln.strip() for ln in said.splitlines() if ln.strip()]
+            raise UserError(f"git {_verb(args)} failed: {' '.join(lines)[:400]}")
+        return done.stdout.decode(errors="replace")
     proc = await asyncio.create_subprocess_exec(
         "git",
-        # Sources are owned by the container user while podbay may run as root.
-        "-c",
-        "safe.directory=*",
+        # No safe.directory override: git's ownership check keeps host git out of trees
+        # the container user owns (their .git/config could run anything as podbay).
         *args,
         cwd=cwd,
         env=_git_env(),
@@ -67,9 +94,32 @@ def _verb(args: tuple[str, ...]) -> str:
     return "command"
 
 
-async def clone(url: str, dest: Path, timeout_s: float) -> None:
-    """Clone ``url`` into the existing empty ``dest``: no local/ext transports, no submodules."""
+async def clone(
+    url: str,
+    dest: Path,
+    timeout_s: float,
+    *,
+    procs: ProcessTracker | None = None,
+    credentials: Path | None = None,
+) -> None:
+    """Clone ``url`` into the existing empty ``dest``: no local/ext transports, no submodules.
+
+    ``credentials`` is a git credential-store file: the password reaches git through the
+    helper reading that file, never through argv, the environment or the URL.
+    """
+    helper: tuple[str, ...] = ()
+    if credentials is not None:
+        # The empty helper first resets any helper from the host's config. Answer "get"
+        # only: a failed attempt must not make credential-store erase the stored line.
+        store = f"git credential-store --file={shlex.quote(str(credentials))} get"
+        helper = (
+            "-c",
+            "credential.helper=",
+            "-c",
+            f'credential.helper=!f() {{ if [ "$1" = get ]; then {store}; fi; }}; f',
+        )
     await _git(
+        *helper,
         "-c",
         "protocol.file.allow=never",
         "-c",
@@ -82,11 +132,12 @@ async def clone(url: str, dest: Path, timeout_s: float) -> None:
         url,
         str(dest),
         timeout_s=timeout_s,
+        procs=procs,
     )
 
 
-async def init(dest: Path) -> None:
-    await _git("init", "--quiet", str(dest))
+async def init(dest: Path, *, procs: ProcessTracker | None = None) -> None:
+    await _git("init", "--quiet", str(dest), procs=procs)
 
 
 async def global_identity() -> tuple[str, str]:
@@ -102,24 +153,25 @@ async def global_identity() -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class GitSummary:
-    remote: str
     branch: str
     dirty: int
+    ahead: int = 0
+    behind: int = 0
 
 
-async def summary(path: Path) -> GitSummary | None:
-    if not (path / ".git").exists():
-        return None
-    try:
-        remote = (await _git("config", "--get", "remote.origin.url", cwd=path)).strip()
-    except UserError:
-        remote = ""
-    try:
-        branch = (await _git("rev-parse", "--abbrev-ref", "HEAD", cwd=path)).strip()
-    except UserError:
-        branch = "(no commits)"
-    try:
-        dirty = len((await _git("status", "--porcelain", cwd=path)).splitlines())
-    except UserError:
-        dirty = 0
-    return GitSummary(remote, branch, dirty)
+def parse_status_v2(text: str) -> GitSummary:
+    """Read ``git status --porcelain=v2 --branch`` output (run inside the container)."""
+    branch, oid, dirty, ahead, behind = "", "", 0, 0, 0
+    for line in text.splitlines():
+        if line.startswith("# branch.head "):
+            branch = line.removeprefix("# branch.head ").strip()
+        elif line.startswith("# branch.oid "):
+            oid = line.removeprefix("# branch.oid ").strip()
+        elif line.startswith("# branch.ab "):
+            parts = line.split()
+            ahead, behind = abs(int(parts[2])), abs(int(parts[3]))
+        elif line and not line.startswith("#"):
+            dirty += 1
+    if oid == "(initial)":
+        branch = f"{branch} (no commits)"
+    return GitSummary(branch or "(unknown)", dirty, ahead, behind)

@@ -1,22 +1,30 @@
 """Project lifecycle: create, delete, restart, rebuild, and the trash.
 
-Every step is recorded on the job row, and every failure rolls back what this attempt
-created, so nothing is left half-made: no container, directory, port, key or row.
+`plan` checks everything and reserves name, source folder and SSH port in one store
+transaction (a 'creating' row). The job records on that row what it creates, as it goes,
+and a failure (or the reconciler after a crash) removes exactly those things and nothing
+else: never a folder it did not make, never a folder another project points to.
+
+The source folder is writable by the container, so host-side code treats it as hostile:
+no host git in it, no following symlinks in it (creation and chown go through O_NOFOLLOW
+directory descriptors), and repository state is read inside the container.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +32,22 @@ from podbay.config import Settings
 from podbay.engine import git
 from podbay.engine.docker import ContainerInfo, ContainerSpec, DockerProvisioner
 from podbay.engine.jobs import JobHandle
-from podbay.engine.projects import validate_git_url, validate_name, validate_stack
-from podbay.engine.ssh import allocate_port, connection_info, generate_keypair, wait_for_port
+from podbay.engine.procs import ProcessTracker
+from podbay.engine.projects import (
+    check_cpus,
+    parse_memory,
+    split_url_credentials,
+    validate_git_url,
+    validate_name,
+    validate_stack,
+)
+from podbay.engine.ssh import (
+    SSH_USER,
+    connection_info,
+    generate_keypair,
+    port_is_free,
+    wait_for_port,
+)
 from podbay.engine.stacks import (
     ImageSpec,
     Stack,
@@ -41,7 +63,6 @@ from podbay.messages import SessionKey
 
 log = logging.getLogger(__name__)
 
-_MEMORY = re.compile(r"^\d+(\.\d+)?[kmg]?b?$", re.IGNORECASE)
 Progress = Callable[[str], Awaitable[None]]
 
 
@@ -56,17 +77,26 @@ class NewProjectRequest:
     path: str | None = None
     cpus: float | None = None
     memory: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A validated request: everything checked, nothing created yet."""
+    """A validated request with its reservation (the 'creating' row); nothing else exists.
+
+    ``request.git_url`` carries no password and ``request.token`` is None: the secret is
+    only in ``credential``, which is written to the credentials file and nowhere else.
+    """
 
     request: NewProjectRequest
     path: Path
     cpus: float
     memory: str
+    ssh_port: int
+    existed: bool  # the folder was there (empty) when checked
+    identity: tuple[int, int] | None  # its (st_dev, st_ino) then
+    notes: tuple[str, ...] = ()
+    credential: tuple[str, str] | None = field(default=None, repr=False)  # (user, secret)
 
 
 @dataclass(frozen=True)
@@ -92,21 +122,26 @@ def instance_id(data_dir: Path) -> str:
 
 
 def parse_cpus(raw: str | None) -> float | None:
+    """The number in ``--cpus``; its bounds (engine CPUs) are checked by ``plan``."""
     if raw is None:
         return None
     try:
         value = float(raw)
     except ValueError:
         value = -1
-    if not 0 < value <= 256:
+    if not 0 < value < float("inf"):
         raise UserError(f"--cpus takes a positive number such as 2 or 0.5, got {raw[:20]!r}.")
     return value
 
 
 def check_memory(raw: str | None) -> str | None:
-    if raw is not None and not _MEMORY.match(raw):
-        raise UserError(f"--memory takes a size such as 512m or 4g, got {raw[:20]!r}.")
+    if raw is not None:
+        parse_memory(raw)
     return raw
+
+
+class SourceChanged(UserError):
+    """The source folder is no longer the one ``plan`` checked (e.g. a symlink now)."""
 
 
 class ProjectManager:
@@ -117,13 +152,19 @@ class ProjectManager:
         provisioner: DockerProvisioner,
         *,
         cancel_runs: Callable[[str], Awaitable[int]] | None = None,
+        procs: ProcessTracker | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.docker = provisioner
         self.instance = instance_id(settings.data_dir)
         self.cancel_runs = cancel_runs
+        self.procs = procs  # records git and ssh-keygen children (None: untracked)
         self._image_lock = asyncio.Lock()
+        # Names reserved by plan() in this process and not yet finished by create() or
+        # release(): the reconciler must not take them for leftovers of a crash.
+        self._reserved: set[str] = set()
+        self._engine_cpus: int | None = None
         # Filled in the background by sample_stats(); status never waits on docker stats.
         self.stats_cache: dict[str, ContainerStats] = {}
 
@@ -169,21 +210,91 @@ class ProjectManager:
     # -- validation -------------------------------------------------------------------
 
     async def plan(self, request: NewProjectRequest) -> Plan:
-        """Check everything a user can get wrong; create nothing."""
+        """Check everything a user can get wrong, then reserve name, path and port.
+
+        The reservation is a 'creating' row: hand the plan to :meth:`create`, or give it
+        back with :meth:`release` when the job is not started.
+        """
         validate_name(request.name)
         if request.stack is not None:
             validate_stack(request.stack, tuple(self.stacks()))
+        url, credential = None, None
         if request.git_url is not None:
             validate_git_url(request.git_url)
-        if await self.store.project_get(request.name) is not None:
-            raise UserError(f"A project named `{request.name}` already exists; pick another.")
-        path = self._resolve_path(request)
-        docker_cfg = self.settings.docker
-        cpus = request.cpus if request.cpus is not None else docker_cfg.cpus
-        memory = request.memory or docker_cfg.memory
-        return Plan(request, path, cpus, memory)
+            url, credential = split_url_credentials(request.git_url)
+        if credential is not None and request.token:
+            raise UserError(
+                "Give the git password either in the URL or with --token, not both; "
+                "send the command again with one of them."
+            )
+        if request.token:
+            credential = ("oauth2", request.token)
+        path, existed, identity = await asyncio.to_thread(self._resolve_path, request)
+        cpus, memory, notes = await self._limits(request)
+        try:
+            row = await self.store.project_reserve(
+                request.name,
+                path,
+                port_range=self.settings.projects.ssh_port_range,
+                port_is_free=port_is_free,
+                stack=request.stack or "",
+                git_url=url or "",
+                created_by=request.requested_by,
+                settings={"cpus": cpus, "memory": memory, "created": []},
+            )
+        except StoreError as exc:
+            raise UserError(str(exc)) from exc
+        self._reserved.add(request.name)
+        assert row.ssh_port is not None
+        clean = replace(request, git_url=url, token=None)
+        return Plan(clean, path, cpus, memory, row.ssh_port, existed, identity, notes, credential)
 
-    def _resolve_path(self, request: NewProjectRequest) -> Path:
+    async def release(self, plan: Plan) -> None:
+        """Give back the reservation of a plan whose job was never started."""
+        name = plan.request.name
+        if name not in self._reserved:
+            return
+        self._reserved.discard(name)
+        row = await self.store.project_get(name)
+        if row is not None and row.state == "creating" and not row.settings.get("created"):
+            await self.store.project_remove(name)
+
+    def is_reserved(self, project: str) -> bool:
+        """True while a plan of this process holds ``project`` (planned, not yet finished)."""
+        return project in self._reserved
+
+    async def engine_cpus(self) -> int:
+        """CPUs of the Docker engine's machine (``DOCKER_HOST`` may be another one)."""
+        if self._engine_cpus is None:
+            try:
+                self._engine_cpus = (await self.docker.engine_info()).cpus
+            except EngineError as exc:
+                raise UserError(f"Cannot check the CPU limit: {exc}") from exc
+        return self._engine_cpus
+
+    async def _limits(self, request: NewProjectRequest) -> tuple[float, str, tuple[str, ...]]:
+        docker_cfg = self.settings.docker
+        host = await self.engine_cpus()
+        notes: list[str] = []
+        if request.cpus is not None:
+            cpus = check_cpus(request.cpus, host)
+        elif docker_cfg.cpus > host:
+            # A default bigger than the machine must not make every `new project` fail.
+            cpus = float(host)
+            notes.append(
+                f"docker.cpus = {docker_cfg.cpus:g} is more than this Docker engine's {host} "
+                f"CPUs, so `{request.name}` gets {host}; lower `docker.cpus` in the config."
+            )
+        else:
+            cpus = docker_cfg.cpus
+        memory = request.memory or docker_cfg.memory
+        parse_memory(memory, "--memory" if request.memory else "docker.memory")
+        return cpus, memory, tuple(notes)
+
+    def _resolve_path(
+        self, request: NewProjectRequest
+    ) -> tuple[Path, bool, tuple[int, int] | None]:
+        """(resolved path, whether it exists, its identity): resolved once, here."""
         projects = self.settings.projects
         raw = Path(request.path).expanduser() if request.path else projects.root / request.name
         if not raw.is_absolute():
@@ -198,44 +309,35 @@ class ProjectManager:
             )
         if path in roots:
             raise UserError(f"{path} is a project root itself; use a folder inside it.")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return path, False, None
+        if not stat.S_ISDIR(info.st_mode) or os.listdir(path):
             raise UserError(f"{path} already exists and is not an empty directory.")
-        return path
+        return path, True, (info.st_dev, info.st_ino)
 
     # -- create -----------------------------------------------------------------------
 
     async def create(self, plan: Plan, job: JobHandle, progress: Progress) -> Created:
+        """Build the planned project; on any failure remove what this job created."""
         req = plan.request
-        made_dir = not plan.path.exists()
-        port = allocate_port(
-            *self.settings.projects.ssh_port_range, await self.store.ports_in_use()
-        )
         try:
-            row = await self.store.project_add(
-                req.name,
-                plan.path,
-                stack=req.stack or "",
-                git_url=req.git_url or "",
-                ssh_port=port,
-                state="creating",
-                created_by=req.requested_by,
-                settings={
-                    "created_dir": made_dir,
-                    "cpus": plan.cpus,
-                    "memory": plan.memory,
-                    "job": job.id,
-                },
+            row = await self.store.project_get(req.name)
+            if row is None or row.state != "creating":
+                raise UserError(f"The reservation of `{req.name}` is gone; send the command again.")
+            row = await self.store.project_update(
+                req.name, settings={**row.settings, "job": job.id}
             )
-        except StoreError as exc:
-            raise UserError(str(exc)) from exc
-        await job.step("registered", f"port {port}")
-        try:
+            await job.step("registered", f"port {plan.ssh_port}")
             return await self._build_out(plan, row, job, progress)
         except BaseException as exc:
-            await asyncio.shield(self._rollback(req.name, plan.path, made_dir))
+            await asyncio.shield(self._rollback(req.name))
             if isinstance(exc, EngineError):
                 raise UserError(f"Could not create `{req.name}`: {exc}") from exc
             raise
+        finally:
+            self._reserved.discard(req.name)
 
     async def _build_out(
         self,
@@ -246,49 +348,85 @@ class ProjectManager:
     ) -> Created:
         req = plan.request
         uid, gid = dev_ids()
-        assert row.ssh_port is not None
-        port = row.ssh_port
-        public_key = await generate_keypair(self.key_path(req.name), f"podbay-{req.name}")
+        port = plan.ssh_port
+        settings = dict(row.settings)
+        created: list[dict[str, Any]] = list(settings.get("created") or [])
+
+        async def record(entry: dict[str, Any]) -> None:
+            # Written before (or right after) the thing exists: a crash leaves a row that
+            # names everything the reconciler must remove, and nothing else.
+            created.append(entry)
+            settings["created"] = created
+            await self.store.project_update(req.name, settings=settings)
+
+        await record({"what": "keys"})
+        public_key = await generate_keypair(
+            self.key_path(req.name), f"podbay-{req.name}", procs=self.procs
+        )
         authorized = "\n".join([public_key, *self.settings.ssh.authorized_keys]) + "\n"
         auth_file = self.keys_dir(req.name) / "authorized_keys"
         auth_file.write_text(authorized)
         auth_file.chmod(0o644)
         await job.step("keys", "ed25519 keypair")
 
-        plan.path.mkdir(parents=True, exist_ok=True)
+        credentials: Path | None = None
+        if plan.credential is not None:
+            await record({"what": "secrets"})
+            credentials = await asyncio.to_thread(
+                self._write_credentials, req.name, plan.credential, req.git_url, uid, gid
+            )
+
+        source = await asyncio.to_thread(_make_source, plan)
+        await record(source)
+        identity = (int(source["dev"]), int(source["ino"]))
         if req.git_url:
             await progress(f"Cloning {req.git_url}…")
-            await git.clone(req.git_url, plan.path, self.settings.git.clone_timeout_s)
+            await git.clone(
+                req.git_url,
+                plan.path,
+                self.settings.git.clone_timeout_s,
+                procs=self.procs,
+                credentials=credentials,
+            )
             await job.step("source", f"cloned {req.git_url}")
         else:
-            await git.init(plan.path)
+            await git.init(plan.path, procs=self.procs)
             await job.step("source", "git init")
-        if os.getuid() == 0:
-            await asyncio.to_thread(_chown_tree, plan.path, uid, gid)
+        # Checked again after git ran there, and chowned through the checked descriptor.
+        await asyncio.to_thread(_secure_source, plan.path, identity, uid, gid)
 
         stacks = self.stacks()
         if req.stack:
             stack_name: str | None = req.stack
             stack_reason = "as requested"
         else:
-            detection = detect_stack(plan.path, stacks)
+            # Only names at the top are read, before any container ran there.
+            detection = await asyncio.to_thread(detect_stack, plan.path, stacks)
             stack_name, stack_reason = detection.stack, detection.reason
         row = await self.store.project_update(req.name, stack=stack_name or "")
 
         token_note = ""
-        if req.token:
-            self._write_credentials(req.name, req.token, req.git_url, uid, gid)
-            token_note = "Push token stored (read-only in the container, never in its environment)."
-            if req.git_url and not req.git_url.lower().startswith("https://"):
-                token_note += " Note: tokens only help with https:// remotes."
+        if plan.credential is not None:
+            user = plan.credential[0]
+            if user == "oauth2":
+                token_note = (
+                    "Push token stored (read-only in the container, never in its environment)."
+                )
+                if req.git_url and not req.git_url.lower().startswith("https://"):
+                    token_note += " Note: tokens only help with https:// remotes."
+            else:
+                token_note = (
+                    "Password from the git URL stored in the credentials file (read-only in "
+                    "the container); the remote is saved without it."
+                )
 
         name, email, identity_note = await self._identity(req)
-        row = await self.store.project_update(
-            req.name, settings={**row.settings, "git_name": name, "git_email": email}
-        )
+        settings.update({"git_name": name, "git_email": email})
+        row = await self.store.project_update(req.name, settings=settings)
         image = await self.ensure_image(stack_name, progress)
         await job.step("image", image)
         spec = self._container_spec(row, image)
+        await record({"what": "container", "name": spec.name})
         container_id = await self.docker.create(spec)
         await self.store.project_update(req.name, container_id=container_id, image=image)
         await job.step("container", container_id[:12])
@@ -336,7 +474,7 @@ class ProjectManager:
             network=docker_cfg.network,
             ssh_port=row.ssh_port,
             cpus=float(row.settings.get("cpus", docker_cfg.cpus)),
-            memory=str(row.settings.get("memory", docker_cfg.memory)),
+            memory_bytes=parse_memory(str(row.settings.get("memory", docker_cfg.memory))),
             pids_limit=docker_cfg.pids_limit,
         )
 
@@ -352,6 +490,7 @@ class ProjectManager:
     async def restart(self, project: str, job: JobHandle) -> None:
         row = await self._row(project)
         assert row.ssh_port is not None
+        await asyncio.to_thread(_check_source, row)
         await self.docker.restart(self.container_name(project))
         await self._wait_ready(self.container_name(project), row.ssh_port)
         await job.step("restarted")
@@ -360,6 +499,9 @@ class ProjectManager:
         """New image if inputs changed; a new container with the same source, keys, port
         and host key (the home volume is kept)."""
         row = await self._row(project)
+        # Docker follows a symlink at the bind source: never mount what the path now
+        # points to unless it is still a real directory at the same place.
+        await asyncio.to_thread(_check_source, row)
         image = await self.ensure_image(row.stack or None, progress)
         changed = image != row.image
         await job.step("image", image)
@@ -374,6 +516,42 @@ class ProjectManager:
         what = f"new image {image}" if changed else f"image {image} (inputs unchanged)"
         return f"Rebuilt `{project}` with {what}; same source, keys, port {row.ssh_port}."
 
+    async def git_status(self, row: ProjectRow, timeout_s: float = 10.0) -> str:
+        """One status line about the repository, read INSIDE the container as dev.
+
+        The source is writable by the container, so its .git/config (fsmonitor, pager,
+        hooks ...) is the container's code: it may run in the container, never on the host.
+        """
+        name = self.container_name(row.name)
+        remote = f" · remote {row.git_url}" if row.git_url else ""
+        try:
+            info = await self.docker.inspect(name)
+            if info is None or info.state != "running":
+                state = info.label if info is not None else "missing"
+                return (
+                    f"git: unknown (the container is not running: {state}; "
+                    f"`restart {row.name}` starts it){remote}"
+                )
+            result = await self.docker.exec_run(
+                name,
+                ["git", "status", "--porcelain=v2", "--branch"],
+                user=SSH_USER,
+                workdir="/workspace",
+                timeout_s=timeout_s,
+            )
+        except EngineError as exc:
+            return f"git: unknown ({exc}){remote}"
+        if result.timed_out:
+            return f"git: unknown (git status took longer than {timeout_s:g} s){remote}"
+        if result.exit_code != 0:
+            first = (result.stderr.strip().splitlines() or ["no output"])[0][:160]
+            return f"git: unknown ({first}){remote}"
+        repo = git.parse_status_v2(result.stdout)
+        sync = ""
+        if repo.ahead or repo.behind:
+            sync = f" · {repo.ahead} ahead, {repo.behind} behind"
+        return f"git: branch {repo.branch} · {repo.dirty} uncommitted{sync}{remote}"
+
     async def _row(self, project: str) -> ProjectRow:
         row = await self.store.project_get(project)
         if row is None:
@@ -383,21 +561,22 @@ class ProjectManager:
         return row
 
     def _write_credentials(
-        self, project: str, token: str, url: str | None, uid: int, gid: int
+        self, project: str, credential: tuple[str, str], url: str | None, uid: int, gid: int
     ) -> Path:
-        """Store the push token 0600 for the container user, in git's credential-store form."""
+        """Store the credential 0600 for the container user, in git's credential-store form."""
         host = "github.com"
         if url and url.lower().startswith("https://"):
             host = url.split("/")[2].split("@")[-1]
+        user, secret = credential
         folder = self.secrets_dir(project)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / "git-credentials"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"https://oauth2:{token}@{host}\n")
+            handle.write(f"https://{user}:{secret}@{host}\n")
         if os.getuid() == 0:
             # The container user must read it through the bind mount; nobody else may.
-            os.chown(path, uid, gid)
+            os.chown(path, uid, gid, follow_symlinks=False)
         return path
 
     async def _identity(self, req: NewProjectRequest) -> tuple[str, str, str]:
@@ -468,22 +647,40 @@ class ProjectManager:
 
     # -- rollback and removal ---------------------------------------------------------
 
-    async def _rollback(self, project: str, path: Path, made_dir: bool) -> None:
+    async def _rollback(self, project: str) -> None:
+        """Remove what the job of ``project`` recorded as created, then its row."""
         log.info("rolling back project %s", project)
-        with contextlib.suppress(Exception):
-            await self.docker.remove(
-                self.container_name(project), volumes=(self.volume_name(project),)
+        row = await self.store.project_get(project)
+        if row is None:
+            return
+        entries = row.settings.get("created")
+        if entries is None:
+            # A row from before podbay recorded what it created.
+            entries = [{"what": "keys"}, {"what": "secrets"}, {"what": "container"}]
+            if row.settings.get("created_dir"):
+                entries.append({"what": "dir", "path": row.path})
+        others = [Path(r.path) for r in await self.store.project_list() if r.name != project]
+        if any(e.get("what") == "container" for e in entries):
+            with contextlib.suppress(Exception):
+                await self.docker.remove(
+                    self.container_name(project), volumes=(self.volume_name(project),)
+                )
+        folders = [
+            folder
+            for what, folder in (
+                ("keys", self.keys_dir(project)),
+                ("secrets", self.secrets_dir(project)),
             )
-        await asyncio.to_thread(
-            _remove_files, [self.keys_dir(project), self.secrets_dir(project)], path, made_dir
-        )
+            if any(e.get("what") == what for e in entries)
+        ]
+        sources = [e for e in entries if e.get("what") in ("dir", "contents")]
+        await asyncio.to_thread(_undo_files, folders, sources, others)
         with contextlib.suppress(Exception):
             await self.store.project_remove(project)
 
     async def recover_half_created(self, row: ProjectRow) -> None:
-        """Roll back a project left in 'creating' by a crash."""
-        made_dir = bool(row.settings.get("created_dir"))
-        await self._rollback(row.name, Path(row.path), made_dir)
+        """Roll back a project left in 'creating' by a crash (or a reservation never used)."""
+        await self._rollback(row.name)
 
     async def delete(self, project: str, *, purge: bool, job: JobHandle) -> str:
         row = await self.store.project_get(project)
@@ -494,7 +691,9 @@ class ProjectManager:
             await job.step("runs", f"cancelled {cancelled}")
         await self.docker.remove(self.container_name(project), volumes=(self.volume_name(project),))
         await job.step("container", "removed")
-        await asyncio.to_thread(_remove_files, [self.keys_dir(project), self.secrets_dir(project)])
+        await asyncio.to_thread(
+            _undo_files, [self.keys_dir(project), self.secrets_dir(project)], [], []
+        )
         await job.step("keys", "removed")
         kept = f"Source kept at `{row.path}`."
         if purge and await asyncio.to_thread(Path(row.path).exists):
@@ -517,7 +716,7 @@ class ProjectManager:
         while target.exists():
             suffix += 1
             target = trash / f"{entry}-{suffix}"
-        shutil.move(str(source), target)
+        _move_tree(source, target)
         (trash / f"{target.name}.json").write_text(
             json.dumps({"project": project, "path": str(source), "at": time.time()})
         )
@@ -542,7 +741,7 @@ class ProjectManager:
         if original.exists():
             raise UserError(f"{original} exists again; move it away first.")
         original.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(trash / entry), original)
+        _move_tree(trash / entry, original)
         meta.unlink()
         return original
 
@@ -555,29 +754,161 @@ class ProjectManager:
         return len(entries)
 
 
-def _remove_files(folders: list[Path], source: Path | None = None, made_dir: bool = False) -> None:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(path: Path, *, create_last: bool = False, create_parents: bool = False) -> int:
+    """An fd of directory ``path``, opened component by component without following any
+    symlink (ELOOP/ENOTDIR instead). ``create_last``: the last component must not exist
+    and is made here (FileExistsError otherwise); ``create_parents``: missing parents are
+    made. The caller closes the fd."""
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        parts = path.parts[1:]
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            if last and create_last:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            elif create_parents and not last:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _changed(path: Path, why: str) -> SourceChanged:
+    return SourceChanged(
+        f"{path} changed since it was checked ({why}); nothing was created there. "
+        "Check the folder and send the command again."
+    )
+
+
+def _make_source(plan: Plan) -> dict[str, Any]:
+    """Create (or take over the empty) source folder with no-follow semantics; return the
+    record of what was made: ``dir`` (a new folder) or ``contents`` (an existing one)."""
+    path = plan.path
+    try:
+        fd = _open_dir(path, create_last=not plan.existed, create_parents=not plan.existed)
+    except FileExistsError:
+        raise _changed(path, "something appeared at that path") from None
+    except OSError as exc:
+        raise _changed(path, f"{exc.strerror or exc}; a symlink or file is in the way") from None
+    try:
+        identity = _fd_identity(fd)
+        if plan.existed and (identity != plan.identity or os.listdir(fd)):
+            raise _changed(path, "it is another folder now, or not empty")
+    finally:
+        os.close(fd)
+    # The resolved path must still lead here: no component was swapped for a link.
+    if os.path.realpath(path) != str(path):
+        raise _changed(path, "a folder on the way became a symlink")
+    what = "contents" if plan.existed else "dir"
+    return {"what": what, "path": str(path), "dev": identity[0], "ino": identity[1]}
+
+
+def _secure_source(path: Path, identity: tuple[int, int], uid: int, gid: int) -> None:
+    """Check the source is still the folder made for it; when root, chown the tree to the
+    container user without following any symlink (the top level included)."""
+    try:
+        fd = _open_dir(path)
+    except OSError as exc:
+        raise _changed(path, f"{exc.strerror or exc}") from None
+    try:
+        if _fd_identity(fd) != identity:
+            raise _changed(path, "it is another folder now")
+        if os.getuid() != 0:
+            return
+        os.fchown(fd, uid, gid)
+        for _dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
+            for name in dirnames + filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def _check_source(row: ProjectRow) -> None:
+    """Refuse to (re)mount a source that is no longer a real directory at its path."""
+    path = Path(row.path)
+    try:
+        os.close(_open_dir(path))
+    except OSError as exc:
+        raise UserError(
+            f"The source of `{row.name}` at {path} is missing or no longer a plain folder "
+            f"({exc.strerror or exc}); podbay will not mount it. Restore the folder first."
+        ) from None
+
+
+def _undo_files(folders: list[Path], sources: list[dict[str, Any]], others: list[Path]) -> None:
+    """Remove podbay's own folders, then the recorded source: a folder podbay made is
+    removed, a folder that was there (empty) is emptied. Never one another project uses,
+    never through a symlink, never a folder that is not the one recorded."""
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
-    # The source was absent or empty when validated, so everything in it is ours (a fresh
-    # init or clone); a directory the user made stays, emptied again.
-    if source is None:
-        return
-    if made_dir:
-        shutil.rmtree(source, ignore_errors=True)
-    elif source.is_dir():
-        for child in source.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
+    for entry in sources:
+        path = Path(str(entry.get("path", "")))
+        if not path.is_absolute() or path == Path("/"):
+            continue
+        if any(path == o or path.is_relative_to(o) or o.is_relative_to(path) for o in others):
+            log.warning("rollback leaves %s alone: another project uses it", path)
+            continue
+        recorded = (entry.get("dev"), entry.get("ino"))
+        try:
+            if entry.get("what") == "dir":
+                parent = _open_dir(path.parent)
+                try:
+                    info = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+                    same = recorded == (None, None) or recorded == (info.st_dev, info.st_ino)
+                    if stat.S_ISDIR(info.st_mode) and same:
+                        shutil.rmtree(path.name, dir_fd=parent)
+                finally:
+                    os.close(parent)
             else:
-                child.unlink(missing_ok=True)
+                fd = _open_dir(path)
+                try:
+                    if recorded == _fd_identity(fd):
+                        _empty_dir(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            log.warning("rollback could not clean %s: %s", path, exc)
 
 
-def _chown_tree(path: Path, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            with contextlib.suppress(FileNotFoundError):
-                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+def _empty_dir(fd: int) -> None:
+    for name in os.listdir(fd):
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+
+
+def _move_tree(source: Path, target: Path) -> None:
+    """Move a (container-written) tree: a rename, or across filesystems a copy that keeps
+    symlinks as links, refuses FIFOs and devices, and drops setuid/setgid bits."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+
+    def plain_copy(src: str, dst: str) -> None:
+        shutil.copyfile(src, dst, follow_symlinks=False)  # SpecialFileError on a FIFO
+        os.chmod(dst, os.lstat(src).st_mode & 0o777)
+
+    shutil.copytree(source, target, symlinks=True, copy_function=plain_copy)
+    shutil.rmtree(source)
 
 
 def _tail(text: str, lines: int = 20) -> str:

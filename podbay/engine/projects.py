@@ -41,3 +41,69 @@ def validate_git_url(url: str) -> str:
         f"Unsupported git URL {url[:80]!r}: use https://host/owner/repo.git, "
         "ssh://user@host/path or user@host:path (file://, ext:: and local paths are refused)."
     )
+
+
+# Docker's own bounds: the engine refuses less than 6 MiB of memory, stores limits as
+# int64 bytes, and refuses NanoCPUs below 0.01 CPU or above the engine's CPU count.
+MIN_MEMORY_BYTES = 6 * 1024 * 1024
+MAX_MEMORY_BYTES = 2**63 - 1
+MIN_CPUS = 0.01
+_MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_memory(raw: str, what: str = "--memory") -> int:
+    """``raw`` (``512m``, ``4g``, ``1073741824``) in bytes, within Docker's bounds."""
+    match = _MEMORY_RE.match(raw.strip())
+    if match is None:
+        raise UserError(f"{what} takes a size such as 512m or 4g, got {raw[:20]!r}.")
+    number, unit = match.groups()
+    # Decimal arithmetic on the digits: a float would turn 99999999999999999999g into inf.
+    whole, _, fraction = number.partition(".")
+    scale = _UNITS[unit.lower()]
+    value = int(whole) * scale + (int(fraction) * scale // 10 ** len(fraction) if fraction else 0)
+    if value < MIN_MEMORY_BYTES:
+        raise UserError(
+            f"{what} must be at least 6m (Docker's minimum; 0 would mean no limit), "
+            f"got {raw[:20]!r}."
+        )
+    if value > MAX_MEMORY_BYTES:
+        raise UserError(f"{what} {raw[:24]} is too large; use a size such as 4g or 16g.")
+    return value
+
+
+def check_cpus(value: float, host_cpus: int, what: str = "--cpus") -> float:
+    """``value`` if Docker accepts it on an engine with ``host_cpus`` CPUs."""
+    if not value >= MIN_CPUS:  # also catches NaN
+        raise UserError(f"{what} must be at least {MIN_CPUS} (one hundredth of a CPU).")
+    if value > host_cpus:
+        raise UserError(
+            f"{what} {value:g} is too many: this Docker engine has only {host_cpus} CPUs; "
+            f"use at most {host_cpus}."
+        )
+    return value
+
+
+def split_url_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``https://user:PASS@host/x`` → (``https://host/x``, (user, PASS)).
+
+    The password must never be stored with the URL, so podbay keeps it in the project's
+    credentials file instead; a URL without a password comes back unchanged.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url, None
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    if not host or not password:
+        return url, None
+    if scheme.lower() != "https":
+        # git over ssh never uses a password from the URL; storing it would only leak it.
+        raise UserError(
+            "A password in an ssh:// URL is never used (ssh uses keys): remove `:password` "
+            "from the URL, or use an https:// URL."
+        )
+    return f"{scheme}://{host}{slash}{path}", (user, password)

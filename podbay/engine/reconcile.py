@@ -1,6 +1,7 @@
 """Reconcile the registry with the containers podbay created (at start and periodically).
 
-- A project left half-created by a crash is rolled back.
+- A project left half-created by a crash (or reserved by a plan that never ran) is rolled
+  back: exactly what its job recorded as created is removed.
 - A dead or missing container is reported once to the conversations using the project.
 - Nothing podbay did not create is ever deleted: unknown containers are only reported.
 """
@@ -33,7 +34,8 @@ class Reconciler:
         actions: list[str] = []
         containers = {c.project: c for c in await self.manager.managed_containers()}
         for row in await store.project_list():
-            if self.busy(row.name):
+            if self.busy(row.name) or self.manager.is_reserved(row.name):
+                # A job, or a plan of this process about to start one, owns the row.
                 continue
             if row.state == "creating":
                 await self.manager.recover_half_created(row)

@@ -10,16 +10,30 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 
+from podbay.engine.procs import ProcessTracker
 from podbay.errors import EngineError, UserError
 
 SSH_USER = "dev"
 
 
-async def generate_keypair(path: Path, comment: str) -> str:
+async def generate_keypair(path: Path, comment: str, *, procs: ProcessTracker | None = None) -> str:
     """Write an ed25519 keypair (private key 0600) and return the public key line."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     for stale in (path, path.with_name(path.name + ".pub")):
         stale.unlink(missing_ok=True)
+    if procs is not None:
+        done = await procs.run(
+            "ssh-keygen",
+            *("-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)),
+            kind="ssh-keygen",
+            detail=f"ssh-keygen {comment}",
+            merge_stderr=True,
+        )
+        if done.returncode != 0:
+            said = done.stdout.decode(errors="replace").strip()[:300]
+            raise EngineError(f"ssh-keygen failed: {said}")
+        os.chmod(path, 0o600)
+        return path.with_name(path.name + ".pub").read_text().strip()
     proc = await asyncio.create_subprocess_exec(
         "ssh-keygen",
         "-q",

@@ -72,3 +72,18 @@ def test_console_creates_lists_deletes_and_restores_a_project(
         assert images.stdout.strip().splitlines()[-1].startswith("ready: podbay-base:")
     finally:
         remove_instance_containers(instance_id(settings.data_dir), settings)
+
+
+def test_doctor_checks_docker_cpus_against_the_engines_cpus(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    env["PODBAY_DATA_DIR"] = str(tmp_path / "data")
+    config = tmp_path / "config.toml"
+    env["PODBAY_CONFIG"] = str(config)
+    config.write_text("[docker]\ncpus = 4096\n")
+    result = run(env, "doctor")
+    assert "problem: docker.cpus = 4096 is more than the Docker engine's" in result.stdout
+    assert "fix: set `docker.cpus` to at most" in result.stdout
+    assert result.returncode == 1
+    config.write_text("[docker]\ncpus = 1\n")
+    result = run(env, "doctor")
+    assert "ok: docker.cpus = 1 fits the Docker engine's" in result.stdout

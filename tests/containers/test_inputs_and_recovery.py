@@ -42,6 +42,15 @@ BAD_INPUTS = [
     ("new project ok --cpus many", "--cpus takes a positive number"),
     ("new project ok --cpus -1", "--cpus takes a positive number"),
     ("new project ok --memory lots", "--memory takes a size"),
+    ("new project ok --memory 0", "--memory must be at least 6m"),
+    ("new project ok --memory 1b", "--memory must be at least 6m"),
+    (
+        "new project ok --memory 99999999999999999999g",
+        "--memory 99999999999999999999g is too large",
+    ),
+    ("new project ok --cpus 256", "this Docker engine has only"),
+    ("new project ok --cpus 0.0001", "--cpus must be at least 0.01"),
+    ("new project ok --git https://u:p@h/x.git --token abc", "not both"),
     ("new project ok --token", "--token needs a value"),
 ]
 

@@ -141,6 +141,29 @@ async def test_a_plan_that_is_not_started_releases_its_reservation(dh: DockerHar
     assert not plan.path.exists()
 
 
+async def test_a_reservation_left_by_a_crash_is_rolled_back_at_the_next_start(
+    dh: DockerHarness,
+) -> None:
+    from podbay.engine.lifecycle import ProjectManager
+    from podbay.engine.reconcile import Reconciler
+
+    folder = dh.projects_root / "mine-already"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("not podbay's")
+    await dh.manager.plan(NewProjectRequest(name="crashed", requested_by="memory:alice"))
+    # A new process (a fresh manager on the same database) finds the 'creating' row.
+    restarted = ProjectManager(dh.store, dh.settings, dh.manager.docker)
+
+    async def notify(session: object, text: str) -> None:
+        raise AssertionError(text)
+
+    actions = await Reconciler(restarted, notify, lambda p: False).run_once()
+    assert actions == ["rolled back half-created crashed"]
+    assert await dh.store.project_list() == []
+    assert (folder / "keep.txt").read_text() == "not podbay's"
+    assert sorted(p.name for p in dh.projects_root.iterdir()) == ["mine-already"]
+
+
 # -- item 4: no host git on container-writable trees ----------------------------------------
 
 

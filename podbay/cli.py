@@ -25,6 +25,7 @@ from podbay.engine.lifecycle import ProjectManager
 from podbay.engine.ssh import ssh_config_block
 from podbay.engine.store import Store
 from podbay.errors import ConfigError, PodbayError, UserError
+from podbay.redact import RedactingFormatter
 from podbay.supervisor import read_published
 from podbay.transports.base import Transport
 from podbay.transports.console import ConsoleTransport
@@ -98,7 +99,7 @@ def _setup_logging(verbosity: int, data_dir: Path | None) -> None:
     root.setLevel(min(level, logging.INFO) if data_dir else level)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level)
-    stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    stderr.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(stderr)
     if data_dir is not None:
         with contextlib.suppress(OSError):
@@ -106,7 +107,7 @@ def _setup_logging(verbosity: int, data_dir: Path | None) -> None:
             file_handler = logging.FileHandler(data_dir / "podbay.log", encoding="utf-8")
             file_handler.setLevel(logging.INFO)
             file_handler.setFormatter(
-                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+                RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
             )
             root.addHandler(file_handler)
 

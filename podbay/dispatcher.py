@@ -34,6 +34,7 @@ from podbay.engine.procs import ProcessesSurvived
 from podbay.engine.store import InboxRow, InboxStatus, ProjectRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
+from podbay.redact import REDACTED
 from podbay.transports.base import Supervised, Transport, TransportState
 
 log = logging.getLogger(__name__)
@@ -399,8 +400,9 @@ class Dispatcher:
             )
             await spec.handler(ctx, parsed)
         except UserError as exc:
-            # Errors may quote what the user typed (a project name, a topic): never a secret.
-            text = self.registry.redact(str(exc))
+            # Errors may quote what the user typed (a project name, a topic): never a secret
+            # of it. (Redacting the error text itself would mangle "--token needs a value".)
+            text = _without(str(exc), self.registry.secret_values(inbound.text))
             outcome = f"refused: {text}"
             await self.send(inbound.session, Reply(text, "error"))
         except Exception as exc:
@@ -841,6 +843,14 @@ class Dispatcher:
             "queued": {str(k): len(s.pending) for k, s in self._sessions.items() if s.pending},
             **self.stats,
         }
+
+
+def _without(text: str, secret_values: Sequence[str]) -> str:
+    """``text`` with every occurrence of the given secrets masked, longest first."""
+    for value in sorted(set(secret_values), key=len, reverse=True):
+        if value:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def _kib(size: int) -> str:

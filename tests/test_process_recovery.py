@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from fakes.podbay_cli import chat, crash, start_podbay
 from test_cli import agent_config, clean_env
 
 from podbay.engine.procs import start_ticks
@@ -61,35 +62,19 @@ def test_after_kill_9_the_old_agent_is_stopped_and_its_conversation_told(
     pids_file = tmp_path / "agent.pids"
     config = agent_config(tmp_path, AGENT.format(pids=str(pids_file)))
     env = clean_env(tmp_path, config)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podbay", "run"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    proc = start_podbay(env)
     helper = 0
     try:
         assert proc.stdin is not None
         proc.stdin.write("please refactor everything\n")
         proc.stdin.flush()
         leader, helper = map(int, wait_for_file(pids_file, proc).split())
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        crash(proc)
         # PR_SET_PDEATHSIG ended the agent itself with podbay; its helper lives on.
         wait_gone(leader)
         assert alive(helper), "nothing survived the crash: this test would prove nothing"
 
-        result = subprocess.run(
-            [sys.executable, "-m", "podbay", "chat"],
-            input="status\n",
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
+        result = chat(env, "status\n", timeout=120)
         assert result.returncode == 0, result.stderr
         assert not alive(helper), "the previous run's agent process still runs"
         out = result.stdout

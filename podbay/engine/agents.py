@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from podbay.engine.procs import (
     KILL_VERIFY_S,
@@ -38,7 +38,9 @@ class RunRequest:
     project: str = ""
     workdir: Path | None = None
     run_id: int | None = None  # the store's run row, recorded with the agent's processes
+    # Agent-specific state carried between turns; "agent_session_id" resumes a conversation.
     session_state: Mapping[str, str] = field(default_factory=dict)
+    container: str = ""  # the project's container, for runners that exec into it
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,31 @@ class TextEvent:
     """A chunk of the agent's answer (a whole paragraph or code block)."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class ToolEvent:
+    """The agent used a tool: one short line for the chat (``🔧 Write hello.txt``).
+
+    ``detail`` is the longer form (a command's full text, a diff summary) shown at
+    verbosity 2.
+    """
+
+    name: str
+    summary: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class NoticeEvent:
+    """Something podbay itself tells the chat about the run ("started a fresh session")."""
+
+    text: str
+
+
+# Why a run failed, classified from the agent's own structured output, never from the exit
+# code alone.
+FailureKind = Literal["", "rate_limit", "auth", "max_turns", "execution", "timeout", "internal"]
 
 
 @dataclass(frozen=True)
@@ -58,9 +85,11 @@ class FinishedEvent:
     usage: Mapping[str, int] = field(default_factory=dict)
     cost_usd: float | None = None
     agent_session_id: str = ""
+    num_turns: int | None = None
+    failure: FailureKind = ""
 
 
-AgentEvent = TextEvent | FinishedEvent
+AgentEvent = TextEvent | ToolEvent | NoticeEvent | FinishedEvent
 
 
 class AgentRun(Protocol):

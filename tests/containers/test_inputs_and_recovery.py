@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from docker_support import DockerHarness, ca_toml, container_settings, remove_instance_containers
+from fakes.podbay_cli import chat, crash, start_podbay
 
 from podbay.engine.lifecycle import instance_id
 
@@ -156,14 +155,7 @@ ready_timeout_s = 300
     env |= {"PODBAY_CONFIG": str(config), "PODBAY_DATA_DIR": str(settings.data_dir)}
     instance = instance_id(settings.data_dir)
     db = settings.data_dir / "podbay.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podbay", "run"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    proc = start_podbay(env)
     try:
         assert proc.stdin is not None
         proc.stdin.write("new project crashy --stack slowstart\n")
@@ -173,23 +165,14 @@ ready_timeout_s = 300
             assert proc.poll() is None, "podbay exited early"
             assert time.monotonic() < deadline, "the container never appeared"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        crash(proc)
         # The crash left a container, a 'creating' row holding a port, keys and a directory.
         with sqlite3.connect(db) as conn:
             rows = conn.execute("SELECT name, state, ssh_port FROM projects").fetchall()
         assert [(n, s) for n, s, _ in rows] == [("crashy", "creating")]
         assert (settings.data_dir / "keys" / "crashy").exists()
 
-        result = subprocess.run(
-            [sys.executable, "-m", "podbay", "chat"],
-            input="status\n",
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-        )
+        result = chat(env, "status\n", timeout=300)
         assert result.returncode == 0, result.stderr
         assert "podbay restarted during new project of crashy" in result.stdout
         assert "Projects: none yet" in result.stdout

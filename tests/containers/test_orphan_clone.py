@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 from docker_support import ca_toml, container_settings, remove_instance_containers
+from fakes.podbay_cli import chat, crash, start_podbay
 
 from podbay.engine.lifecycle import instance_id
 from podbay.engine.procs import start_ticks
@@ -87,14 +86,7 @@ ready_timeout_s = 300
     instance = instance_id(settings.data_dir)
     server = SilentServer()
     url = f"https://127.0.0.1:{server.port}/x.git"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podbay", "run"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    proc = start_podbay(env)
     old_git: dict[int, int] = {}
     try:
         assert proc.stdin is not None
@@ -103,18 +95,9 @@ ready_timeout_s = 300
         assert server.connected.wait(300), "git never connected"
         old_git = processes_mentioning(f"127.0.0.1:{server.port}")
         assert old_git, "no git process found: the test proves nothing"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        crash(proc)
 
-        result = subprocess.run(
-            [sys.executable, "-m", "podbay", "chat"],
-            input="new project hang1\n",
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            check=False,
-        )
+        result = chat(env, "new project hang1\n", timeout=600)
         assert result.returncode == 0, result.stderr
         assert "hang1 is ready" in result.stdout or "`hang1` is ready" in result.stdout, (
             result.stdout

@@ -498,10 +498,13 @@ async def test_codex_writes_a_file_with_apply_patch_and_reports_usage(
     assert "Success. Updated the following files:\nA hello.txt" in output["output"]
 
 
-async def test_codex_runs_a_shell_command_and_reports_its_output(
+async def test_codex_runs_a_shell_command_and_reports_reasoning_and_output(
     clis: AgentClis, openai: codex_api.FakeOpenAI, workdir: Path, home: Path
 ) -> None:
-    openai.script(codex_api.shell("printf 'hi\\n' > made.txt && echo made"), codex_api.Text("ok"))
+    openai.script(
+        codex_api.shell("printf 'hi\\n' > made.txt && echo made", reasoning="Plan: make it"),
+        codex_api.Text("ok"),
+    )
 
     run = await run_cli(
         [str(clis.codex), *CODEX_ARGS],
@@ -514,7 +517,9 @@ async def test_codex_runs_a_shell_command_and_reports_its_output(
     assert (workdir / "made.txt").read_text() == "hi\n"
     started = run.one("item.started")["item"]
     assert started["type"] == "command_execution" and started["status"] == "in_progress"
-    command = run.of_type("item.completed")[0]["item"]
+    reasoning, command, message = (e["item"] for e in run.of_type("item.completed"))
+    assert reasoning["type"] == "reasoning" and reasoning["text"] == "Plan: make it"
+    assert message["type"] == "agent_message" and message["text"] == "ok"
     assert command["type"] == "command_execution" and command["status"] == "completed"
     assert command["exit_code"] == 0 and command["aggregated_output"] == "made\n"
     assert "printf" in command["command"] and command["command"].startswith("/")

@@ -49,9 +49,13 @@ REASONING_TOKENS = 8
 
 @dataclass(frozen=True)
 class Text:
-    """An assistant ``message`` item with one ``output_text`` part; the turn ends."""
+    """An assistant ``message`` item with one ``output_text`` part; the turn ends.
+
+    ``reasoning`` (on every output turn) first sends a ``reasoning`` item with that summary.
+    """
 
     text: str
+    reasoning: str = ""
     kind: str = field(default="text", init=False)
 
 
@@ -62,6 +66,7 @@ class FunctionCall:
     name: str
     arguments: dict[str, Any]
     text: str = ""
+    reasoning: str = ""
     kind: str = field(default="function_call", init=False)
 
 
@@ -72,6 +77,7 @@ class CustomToolCall:
     name: str
     input: str
     text: str = ""
+    reasoning: str = ""
     kind: str = field(default="custom_tool_call", init=False)
 
 
@@ -102,23 +108,26 @@ class Hang:
 Turn = Text | FunctionCall | CustomToolCall | ApiError | Hang
 
 
-def shell(command: str, workdir: str | None = None, text: str = "") -> FunctionCall:
+def shell(
+    command: str, workdir: str | None = None, text: str = "", reasoning: str = ""
+) -> FunctionCall:
     """Codex's ``exec_command`` tool (``cmd``: one shell command string, run in the turn's cwd)."""
     arguments: dict[str, Any] = {"cmd": command}
     if workdir is not None:
         arguments["workdir"] = workdir
-    return FunctionCall("exec_command", arguments, text=text)
+    return FunctionCall("exec_command", arguments, text=text, reasoning=reasoning)
 
 
-def apply_patch(patch: str, text: str = "") -> CustomToolCall:
+def apply_patch(patch: str, text: str = "", reasoning: str = "") -> CustomToolCall:
     """Codex's freeform ``apply_patch`` tool (``*** Begin Patch`` ... ``*** End Patch``)."""
-    return CustomToolCall("apply_patch", patch, text=text)
+    return CustomToolCall("apply_patch", patch, text=text, reasoning=reasoning)
 
 
-def add_file(path: str, content: str, text: str = "") -> CustomToolCall:
+def add_file(path: str, content: str, text: str = "", reasoning: str = "") -> CustomToolCall:
     """An ``apply_patch`` that creates ``path`` (relative to codex's working dir)."""
     lines = "".join(f"+{line}\n" for line in content.splitlines())
-    return apply_patch(f"*** Begin Patch\n*** Add File: {path}\n{lines}*** End Patch\n", text)
+    patch = f"*** Begin Patch\n*** Add File: {path}\n{lines}*** End Patch\n"
+    return apply_patch(patch, text=text, reasoning=reasoning)
 
 
 def rate_limited(retry_after: int = 0, times: int = 1) -> ApiError:
@@ -279,6 +288,8 @@ class FakeOpenAI(RecordingServer):
             return response
         output: list[dict[str, Any]] = []
         assert not isinstance(turn, ApiError)
+        if turn.reasoning:
+            output.append(await _reasoning_item(response, seq, len(output), turn.reasoning))
         if turn.text:
             output.append(await _message_item(response, seq, len(output), turn.text))
         if isinstance(turn, FunctionCall | CustomToolCall):
@@ -342,6 +353,21 @@ class _Sequence:
         data = {"type": kind, "sequence_number": self._next, **fields}
         self._next += 1
         return sse(kind, data)
+
+
+async def _reasoning_item(
+    response: web.StreamResponse, seq: _Sequence, index: int, summary: str
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": f"rs_{uuid.uuid4().hex}",
+        "type": "reasoning",
+        "summary": [],
+        "encrypted_content": None,
+    }
+    await response.write(seq.event("response.output_item.added", output_index=index, item=item))
+    done = {**item, "summary": [{"type": "summary_text", "text": summary}]}
+    await response.write(seq.event("response.output_item.done", output_index=index, item=done))
+    return done
 
 
 async def _message_item(

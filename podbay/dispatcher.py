@@ -28,14 +28,15 @@ from podbay.commands.context import CommandContext
 from podbay.commands.registry import Freeform, Invocation, Registry
 from podbay.commands.roles import Role, role_for
 from podbay.config import Settings
-from podbay.engine.agents import AgentRun, FinishedEvent, RunRequest, TextEvent
+from podbay.engine.agents import AgentEvent, FinishedEvent, NoticeEvent, TextEvent, ToolEvent
 from podbay.engine.core import Engine
-from podbay.engine.procs import ProcessesSurvived
-from podbay.engine.store import InboxRow, InboxStatus, ProjectRow
+from podbay.engine.runs import RunPlan
+from podbay.engine.store import InboxRow, InboxStatus, ProjectRow, SessionRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.redact import REDACTED
 from podbay.transports.base import Supervised, Transport, TransportState
+from podbay.transports.render import code_block
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,9 @@ class Dispatcher:
         self._cancelling = False  # shutdown is cancelling what is left: no new lanes
         self._held: list[tuple[int, Inbound]] = []
         self._replayed: set[int] = set()
+        # What the engine's run service cannot say through an event (a stop that left
+        # processes behind) reaches the conversation through this.
+        engine.runs.notify = self._notify
         # Counters a user (or `status`) can see; never reset while running.
         self.stats = {"runs": 0, "refused": 0, "redeliveries": 0, "denied": 0}
 
@@ -206,6 +210,9 @@ class Dispatcher:
         except Exception:
             log.exception("sending a reply to %s failed", session)
             return None
+
+    async def _notify(self, session: SessionKey, text: str) -> None:
+        await self.send(session, Reply(text, "error"))
 
     def _can_edit(self, session: SessionKey) -> bool:
         transport = self._transports.get(session.transport)
@@ -560,7 +567,7 @@ class Dispatcher:
         self.stats["runs"] += 1
         state.running = ActiveRun(run_id, len(batch), self._clock(), name)
         task = state.run_task = asyncio.create_task(
-            self._run(state, run_id, ids, prompt, session_row.agent_sessions, project),
+            self._run(state, run_id, ids, prompt, session_row, project),
             name=f"run-{run_id}",
         )
         try:
@@ -596,115 +603,27 @@ class Dispatcher:
         run_id: int,
         ids: list[int],
         prompt: str,
-        agent_sessions: dict[str, str],
+        session_row: SessionRow,
         project: ProjectRow | None,
     ) -> None:
-        agent = self.engine.agent
-        run: AgentRun | None = None
-        finished: FinishedEvent | None = None
         try:
             await self.store.session_touch(state.key)  # "last activity" in status
             await self.store.inbox_attach_run(ids, run_id)
             workdir = self._workdir(state.key, project)
             if project is None:
                 await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True, mode=0o700)
-            request = RunRequest(
-                prompt=prompt,
-                run_id=run_id,
-                session=str(state.key),
-                project=project.name if project else "",
-                workdir=workdir,
-                session_state=(
-                    {"agent_session_id": agent_sessions[project.name]}
-                    if project and project.name in agent_sessions
-                    else {}
-                ),
-            )
-            run = agent.run(request)
-            await self.store.run_start(run_id)
-            async with asyncio.timeout(self.settings.agent.timeout_s):
-                async for event in run:
-                    if isinstance(event, TextEvent):
-                        # Agents echo what they were given; a secret shape never leaves.
-                        text = self.registry.redact(event.text)
-                        await self.store.run_event(run_id, "text", text)
-                        await self.send(state.key, Reply(text, "agent"))
-                    elif isinstance(event, FinishedEvent):
-                        finished = event
+            plan = RunPlan(run_id, state.key, prompt, project, session_row, workdir)
+            relay = Relay(self, state.key, verbose=session_row.verbose, clock=self._clock)
+            async for event in self.engine.runs.execute(plan):
+                await relay.event(event)
         except asyncio.CancelledError:
-            survivors = await self._cancel(run, state.key)
-            if survivors:
-                await self.store.run_finish_if_active(
-                    run_id, "cancelled", error=f"stopped; still running: {survivors}"
-                )
             await self._cancelled(run_id, ids)
             raise
-        except TimeoutError:
-            await self._cancel(run, state.key)
-            finished = FinishedEvent(
-                ok=False, error=f"timed out after {self.settings.agent.timeout_s} s; stopped"
-            )
         except UserError as exc:
-            # Not the agent failing but podbay unable to start it: say only why.
-            await self.store.run_finish(run_id, "failed", error=str(exc))
             await self.store.inbox_mark(ids, "done")
             await self.send(state.key, Reply(str(exc), "error"))
             return
-        except Exception as exc:
-            ref = secrets.token_hex(4)
-            log.exception("agent run %s failed [ref %s]", run_id, ref)
-            await self._cancel(run, state.key)
-            finished = FinishedEvent(ok=False, error=f"internal error (ref {ref}): {exc}")
-        await self._record(state, run_id, ids, project.name if project else "", finished)
-
-    async def _cancel(self, run: AgentRun | None, session: SessionKey) -> str:
-        """Stop ``run``; processes that survived it are reported, never silently left."""
-        if run is None:
-            return ""
-        try:
-            await run.cancel()
-        except ProcessesSurvived as exc:
-            pids = ", ".join(str(p) for p in exc.pids)
-            log.error("processes of an agent run in %s survived the stop: %s", session, pids)
-            await self.send(
-                session,
-                Reply(
-                    f"Stopping the agent left processes running (pids {pids}); podbay "
-                    "could not kill them. Check the host (`ps`), and tell an admin.",
-                    "error",
-                ),
-            )
-            return pids
-        return ""
-
-    async def _record(
-        self,
-        state: _Session,
-        run_id: int,
-        ids: list[int],
-        project: str,
-        finished: FinishedEvent | None,
-    ) -> None:
-        if finished is None:
-            finished = FinishedEvent(ok=False, error="the agent ended without a result")
-        await self.store.run_finish(
-            run_id,
-            "succeeded" if finished.ok else "failed",
-            exit_code=finished.exit_code,
-            error=finished.error,
-            usage=dict(finished.usage),
-            cost_usd=finished.cost_usd,
-        )
-        if finished.agent_session_id and project:
-            await self.store.session_set_agent_session(
-                state.key, project, finished.agent_session_id
-            )
         await self.store.inbox_mark(ids, "done")
-        if not finished.ok:
-            code = f" (exit {finished.exit_code})" if finished.exit_code is not None else ""
-            detail = finished.error.strip()
-            body = f"\n```\n{detail}\n```" if "\n" in detail or finished.exit_code else f" {detail}"
-            await self.send(state.key, Reply(f"Agent run failed{code}:{body}", "error"))
 
     # -- control ----------------------------------------------------------------------
 
@@ -843,6 +762,125 @@ class Dispatcher:
             "queued": {str(k): len(s.pending) for k, s in self._sessions.items() if s.pending},
             **self.stats,
         }
+
+
+class Relay:
+    """Relays one run's events to its conversation.
+
+    Paragraphs are posted as they complete. Tool lines (verbosity 1, with details at 2) go
+    into one progress message edited at most every ``edit_interval_s`` where the transport
+    can edit; elsewhere they are posted in batches, before the next paragraph. The last
+    message is a footer with duration, turns, tokens and cost, as far as they are known.
+    """
+
+    edit_interval_s = 1.5
+    max_tool_lines = 12
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        session: SessionKey,
+        *,
+        verbose: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._session = session
+        self._verbose = verbose
+        self._clock = clock
+        self._started = clock()
+        self._can_edit = dispatcher._can_edit(session)
+        self._tools: list[str] = []
+        self._unsent: list[str] = []  # tool lines not yet shown where edits are impossible
+        self._progress: MessageRef | None = None
+        self._edited_at = 0.0
+        self._dirty = False
+
+    async def event(self, event: AgentEvent) -> None:
+        if isinstance(event, TextEvent):
+            await self._flush_tools()
+            await self._dispatcher.send(self._session, Reply(event.text, "agent"))
+        elif isinstance(event, ToolEvent):
+            if self._verbose <= 0:
+                return
+            line = event.summary
+            if self._verbose >= 2 and event.detail and event.detail != event.summary:
+                line += f"\n{code_block(event.detail[:1500])}"
+            await self._tool(line)
+        elif isinstance(event, NoticeEvent):
+            await self._flush_tools()
+            await self._dispatcher.send(self._session, Reply(event.text, "info"))
+        else:
+            await self._finish(event)
+
+    async def _tool(self, line: str) -> None:
+        self._tools.append(line)
+        if not self._can_edit:
+            self._unsent.append(line)
+            return
+        self._dirty = True
+        now = self._clock()
+        if self._progress is None or now - self._edited_at >= self.edit_interval_s:
+            await self._show_progress(now)
+
+    async def _show_progress(self, now: float) -> None:
+        shown = self._tools[-self.max_tool_lines :]
+        hidden = len(self._tools) - len(shown)
+        text = "\n".join(([f"… {hidden} earlier step(s)"] if hidden else []) + shown)
+        reply = Reply(text, "progress")
+        if self._progress is None:
+            self._progress = await self._dispatcher.send(self._session, reply)
+        else:
+            self._progress = await self._dispatcher.edit(self._progress, reply) or self._progress
+        self._edited_at, self._dirty = now, False
+
+    async def _flush_tools(self) -> None:
+        if self._unsent:
+            lines, self._unsent = self._unsent, []
+            await self._dispatcher.send(self._session, Reply("\n".join(lines), "progress"))
+        elif self._dirty:
+            await self._show_progress(self._clock())
+
+    async def _finish(self, finished: FinishedEvent) -> None:
+        await self._flush_tools()
+        footer = _footer(self._clock() - self._started, finished)
+        if finished.ok:
+            if footer:
+                await self._dispatcher.send(self._session, Reply(f"_{footer}_", "info"))
+            return
+        what = {
+            "rate_limit": "the model's API is rate-limiting podbay; wait and resend",
+            "auth": "the model's API refused the credentials; check `[agent.env]`",
+            "max_turns": "the agent hit its turn limit",
+            "timeout": "it took too long",
+        }.get(finished.failure, "")
+        code = f" (exit {finished.exit_code})" if finished.exit_code is not None else ""
+        reason = f" — {what}" if what else ""
+        detail = finished.error.strip()
+        body = f"\n{code_block(detail)}" if "\n" in detail or finished.exit_code else f" {detail}"
+        tail = f"\n_{footer}_" if footer else ""
+        await self._dispatcher.send(
+            self._session, Reply(f"Agent run failed{code}{reason}:{body}{tail}", "error")
+        )
+
+
+def _footer(seconds: float, finished: FinishedEvent) -> str:
+    """ "12 s · 3 turns · 1,234 tokens · $0.0123": only what the agent reported."""
+    parts = [f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"]
+    if finished.num_turns is not None:
+        parts.append(f"{finished.num_turns} turn{'s' if finished.num_turns != 1 else ''}")
+    tokens = sum(
+        int(v)
+        for k, v in finished.usage.items()
+        if k.endswith("tokens") and isinstance(v, int) and not isinstance(v, bool)
+    )
+    if tokens:
+        parts.append(f"{tokens:,} tokens")
+    if finished.cost_usd is not None:
+        parts.append(f"${finished.cost_usd:.4f}")
+    if len(parts) == 1 and not finished.usage and finished.cost_usd is None:
+        return ""  # a plain command agent reports nothing worth a footer
+    return " · ".join(parts)
 
 
 def _without(text: str, secret_values: Sequence[str]) -> str:

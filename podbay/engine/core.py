@@ -12,6 +12,7 @@ from podbay.engine.docker import ContainerInfo, DockerProvisioner
 from podbay.engine.jobs import JobRunner
 from podbay.engine.lifecycle import ContainerStats, ProjectManager, instance_id
 from podbay.engine.procs import ProcessTracker
+from podbay.engine.runs import RunService
 from podbay.engine.store import JobRow, ProjectRow, RunRow, SessionRow, Store
 from podbay.errors import EngineError, NotConfigured, UserError
 from podbay.messages import SessionKey
@@ -50,12 +51,29 @@ class Engine:
             settings.agent.where,
             procs=self.procs,
         )
+        self._explicit_agent = agent is not None
         self.provisioner = provisioner
+        self.runs = RunService(store, settings, self.runner_for)
         self.jobs = JobRunner(store)
         self.projects = (
             ProjectManager(store, settings, provisioner, procs=self.procs)
             if provisioner is not None
             else None
+        )
+
+    # -- agents -----------------------------------------------------------------------
+
+    def runner_for(self, project: ProjectRow | None) -> Agent:
+        """The agent that runs freeform text of a conversation whose project is ``project``."""
+        if self._explicit_agent or self.settings.agent.where == "host":
+            return self.agent
+        if project is None:
+            raise UserError(
+                "No active project: `use <project>` picks one, or `new project <name>` "
+                "creates one. The coding agent runs inside a project's container."
+            )
+        raise NotConfigured(
+            f"agent preset {self.settings.agent.preset!r} in containers is not available yet"
         )
 
     # -- projects ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from podbay.messages import Inbound, Sender, SessionKey
 __all__ = [
     "MIGRATIONS",
     "AuditRow",
+    "EventRow",
     "InboxRow",
     "InboxStatus",
     "JobRow",
@@ -183,6 +184,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX processes_live ON processes (ended_at)",
     ),
+    (
+        # Per conversation: how much tool detail is shown, and when its last agent turn
+        # began (engine events after that are told to the agent at the next turn).
+        "ALTER TABLE sessions ADD COLUMN verbose INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE sessions ADD COLUMN last_turn_at REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN num_turns INTEGER",
+        # Things that happened to a project (created, restarted, rebuilt, container died, a
+        # job failed), for the agent's context.
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            project TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            text TEXT NOT NULL,
+            at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX events_project_at ON events (project, at)",
+    ),
 ]
 
 _RESTARTED = "podbay restarted"
@@ -239,6 +259,7 @@ class RunRow:
     usage: dict[str, Any]
     cost_usd: float | None
     error: str
+    num_turns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +296,17 @@ class SessionRow:
     active_project: str | None
     agent_sessions: dict[str, str]
     last_activity: float
+    verbose: int = 1
+    last_turn_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    id: int
+    project: str
+    kind: str
+    text: str
+    at: float
 
 
 def _session(row: sqlite3.Row) -> SessionRow:
@@ -283,6 +315,8 @@ def _session(row: sqlite3.Row) -> SessionRow:
         active_project=row["active_project"],
         agent_sessions={k: str(v) for k, v in _json_dict(row["agent_sessions"]).items()},
         last_activity=row["last_activity"],
+        verbose=int(row["verbose"]),
+        last_turn_at=float(row["last_turn_at"]),
     )
 
 
@@ -374,6 +408,7 @@ def _run(row: sqlite3.Row) -> RunRow:
         usage=_json_dict(row["usage"]),
         cost_usd=row["cost_usd"],
         error=row["error"],
+        num_turns=row["num_turns"],
     )
 
 
@@ -706,6 +741,16 @@ class Store:
             mapping[project] = agent_session_id
             await self._session_upsert(key, "agent_sessions = ?, ", (json.dumps(mapping),))
 
+    async def session_set_verbose(self, key: SessionKey, level: int) -> None:
+        """How much tool detail this conversation is shown (0, 1 or 2)."""
+        async with self._tx():
+            await self._session_upsert(key, "verbose = ?, ", (level,))
+
+    async def session_mark_turn(self, key: SessionKey, at: float) -> None:
+        """An agent turn of this conversation began at ``at``."""
+        async with self._tx():
+            await self._session_upsert(key, "last_turn_at = ?, ", (at,))
+
     async def session_touch(self, key: SessionKey) -> None:
         """Record activity in the session now."""
         async with self._tx():
@@ -927,13 +972,14 @@ class Store:
         error: str = "",
         usage: dict[str, Any] | None = None,
         cost_usd: float | None = None,
+        num_turns: int | None = None,
     ) -> None:
         """Record the outcome of a run."""
         async with self._lock:
             count, _ = await self._execute(
                 """
                 UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error = ?,
-                    usage = ?, cost_usd = ?
+                    usage = ?, cost_usd = ?, num_turns = ?
                 WHERE id = ?
                 """,
                 (
@@ -943,6 +989,7 @@ class Store:
                     error,
                     json.dumps(usage or {}),
                     cost_usd,
+                    num_turns,
                     run_id,
                 ),
             )
@@ -1032,6 +1079,42 @@ class Store:
                 (self._clock(), _RESTARTED),
             )
         return count
+
+    async def run_delete(self, run_id: int) -> RunRow | None:
+        """Delete a finished run (and its events); returns the row as it was.
+
+        An active (pending or running) run is left alone and returned unchanged, so the
+        caller can say why; None if there is no such run.
+        """
+        async with self._tx():
+            row = await self._fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
+            if row is None:
+                return None
+            if row["status"] not in ("pending", "running"):
+                await self._execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        return _run(row)
+
+    # ---------------------------------------------------------------- events
+
+    async def event_add(self, project: str, kind: str, text: str) -> None:
+        """Record something that happened to ``project`` (for the agent's context)."""
+        async with self._lock:
+            await self._execute(
+                "INSERT INTO events (project, kind, text, at) VALUES (?, ?, ?, ?)",
+                (project, kind, text, self._clock()),
+            )
+
+    async def events_since(self, project: str, since: float, limit: int = 20) -> list[EventRow]:
+        """Events of ``project`` after ``since``, oldest first (at most the latest ``limit``)."""
+        async with self._lock:
+            rows = await self._fetchall(
+                "SELECT * FROM events WHERE project = ? AND at > ? ORDER BY id DESC LIMIT ?",
+                (project, since, limit),
+            )
+        return [
+            EventRow(int(r["id"]), r["project"], r["kind"], r["text"], float(r["at"]))
+            for r in reversed(rows)
+        ]
 
     # ---------------------------------------------------------------- jobs
 

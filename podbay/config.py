@@ -14,7 +14,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from podbay.errors import ConfigError
@@ -108,18 +116,184 @@ class DispatcherConfig(_Section):
         return self
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+(?:[-+][0-9A-Za-z.-]+)?$")
+_FILE_SUFFIX = "_FILE"
+
+
+def _read_secret_file(key: str, raw: str) -> str:
+    """The value of ``<key> = "<path>"``: the file's text minus one trailing newline.
+
+    Errors name the key and the path, never the content.
+    """
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"{key}: expected an absolute path, got {raw!r}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}: {path} is not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise ValueError(f"{key}: {path} is empty")
+    if "\0" in text:
+        raise ValueError(f"{key}: {path} contains a NUL byte")
+    return text
+
+
+_ENV_OVERRIDE = "PODBAY_AGENT__ENV__"
+
+
+def _override_names() -> dict[str, str]:
+    """Lower-cased name -> name as written, of ``PODBAY_AGENT__ENV__<NAME>`` variables.
+
+    pydantic-settings lower-cases environment keys, but the agent's variable names are
+    case-sensitive (``ANTHROPIC_API_KEY``), so the spelling is taken from the environment.
+    """
+    size = len(_ENV_OVERRIDE)
+    return {k[size:].lower(): k[size:] for k in os.environ if k.upper().startswith(_ENV_OVERRIDE)}
+
+
+def _agent_env(value: Any) -> dict[str, str]:
+    """``[agent.env]`` checked and resolved: names valid, ``NAME_FILE`` read into ``NAME``.
+
+    Messages name the key; a value never appears in one (they are secrets).
+    """
+    if not isinstance(value, dict):
+        raise ValueError('expected a table of NAME = "value" (e.g. [agent.env])')
+    overrides = _override_names()
+    entries: list[tuple[str, Any, bool]] = []
+    for key, raw in value.items():
+        from_env = isinstance(key, str) and key == key.lower() and key in overrides
+        entries.append((overrides[key] if from_env else key, raw, from_env))
+    # Environment overrides win over the file, like every other key.
+    entries.sort(key=lambda entry: entry[2])
+    resolved: dict[str, str] = {}
+    source: dict[str, tuple[str, bool]] = {}
+    for key, raw, from_env in entries:
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise ValueError(
+                f"{key!r}: an environment variable name is letters, digits and '_', "
+                "not starting with a digit"
+            )
+        if key.upper().startswith("PODBAY_"):
+            raise ValueError(
+                f"{key}: PODBAY_* variables are podbay's own and are never passed to the agent"
+            )
+        if isinstance(raw, SecretStr):
+            raw = raw.get_secret_value()
+        if not isinstance(raw, str):
+            raise ValueError(f"{key}: expected a string value (in quotes)")
+        name = key
+        if key.endswith(_FILE_SUFFIX) and len(key) > len(_FILE_SUFFIX):
+            name = key[: -len(_FILE_SUFFIX)]
+            text = _read_secret_file(key, raw)
+        elif "\0" in raw:
+            raise ValueError(f"{key}: the value contains a NUL byte")
+        else:
+            text = raw
+        earlier = source.get(name)
+        if earlier is not None and earlier[1] == from_env:
+            raise ValueError(f"{key}: {earlier[0]} is given too; set only one of them")
+        resolved[name] = text
+        source[name] = (key, from_env)
+    return resolved
+
+
 class AgentConfig(_Section):
-    preset: Literal["command"] = Field(
-        "command", description='Agent kind. "command" runs `command` with the prompt on stdin.'
+    preset: Literal["claude", "codex", "command"] = Field(
+        "command",
+        description='Agent kind: "claude" (Claude Code), "codex" (Codex CLI) or "command" '
+        "(runs `command` with the prompt on stdin).",
     )
-    where: Literal["host"] = Field(
-        "host", description='Where the agent runs. "host" runs it on this machine.'
+    where: Literal["container", "host"] = Field(
+        "host",
+        description='Where the agent runs: "container" (the default for claude and codex) or '
+        '"host" (the default for command).',
+    )
+    version: str = Field(
+        "",
+        description='CLI version for claude or codex (e.g. "2.1.332"); empty means the '
+        "version podbay was tested with.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Appended to the preset's argv."
+    )
+    permission_mode: str = Field(
+        "bypassPermissions",
+        description="claude's --permission-mode; the container is the sandbox.",
     )
     command: list[str] = Field(
         default_factory=list,
-        description='argv of the agent, e.g. ["my-agent", "--flag"]; empty means no agent.',
+        description='argv of the agent for preset "command", e.g. ["my-agent", "--flag"]; '
+        "empty means no agent.",
     )
     timeout_s: int = Field(3600, ge=1, description="A run is cancelled after this many seconds.")
+    stop_grace_s: float = Field(
+        1.5, ge=0, description="On stop, SIGKILL follows SIGTERM after this many seconds."
+    )
+    model: str = Field("", description="Model name passed to the CLI; empty means its default.")
+    base_url: str = Field(
+        "",
+        description="Custom model endpoint (claude: ANTHROPIC_BASE_URL; codex: a model "
+        "provider); empty means the vendor's.",
+    )
+    env: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Environment of the agent\'s process only, e.g. ANTHROPIC_API_KEY = "…"; '
+        'NAME_FILE = "/path" reads NAME from a file at start. PODBAY_* is refused.',
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _where_by_preset(cls, data: Any) -> Any:
+        # The coding agents default to the container (their sandbox); a command keeps
+        # today's behaviour on the host.
+        if isinstance(data, dict) and data.get("where") is None:
+            preset = data.get("preset", "command")
+            data = {**data, "where": "container" if preset in ("claude", "codex") else "host"}
+        return data
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _resolve_env(cls, value: Any) -> dict[str, str]:
+        return _agent_env(value)
+
+    @field_validator("version")
+    @classmethod
+    def _exact_version(cls, value: str) -> str:
+        # It names a directory under <data dir>/agents: an exact version, never a path.
+        if value and not _VERSION.match(value):
+            raise ValueError('expected an exact version like "2.1.332", or "" for the default')
+        return value
+
+    @field_validator("permission_mode")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]+", value):
+            raise ValueError('expected one word, e.g. "bypassPermissions" or "acceptEdits"')
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError('expected an http(s) URL, e.g. "http://127.0.0.1:8080"')
+        return value
+
+    def resolved_env(self) -> dict[str, str]:
+        """``[agent.env]`` as plain strings (``NAME_FILE`` entries already read into NAME).
+
+        Secrets: pass them to the agent's process only, never to a log, row or reply.
+        """
+        return {name: secret.get_secret_value() for name, secret in self.env.items()}
 
 
 class HttpConfig(_Section):
@@ -324,6 +498,12 @@ def _describe(error: Any, source: str) -> str:
         return f"unknown key {key} ({source}){hint}"
     message = str(error["msg"]).removeprefix("Value error, ")
     shown = repr(value) if not isinstance(value, dict) else "(section)"
+    if loc[:2] == ("agent", "env"):
+        # [agent.env] holds secrets: name the variable, never show a value.
+        name, sep, rest = message.partition(": ")
+        if sep and re.fullmatch(r"'?[^\s']*'?", name):
+            return f"agent.env.{name.strip(chr(39))} ({source}): {rest}"
+        return f"agent.env ({source}): {message}"
     return f"{key} = {shown} ({source}): {message}"
 
 
@@ -376,6 +556,8 @@ def _toml_value(value: Any) -> str:
         return _toml_value(str(value))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
@@ -403,6 +585,15 @@ def config_reference() -> list[tuple[str, Any, str]]:
     return rows
 
 
+_TABLE_EXAMPLES = {
+    "agent.env": [
+        '# ANTHROPIC_API_KEY = "sk-ant-..."',
+        '# ANTHROPIC_API_KEY_FILE = "/run/secrets/anthropic-key"',
+        '# OPENAI_API_KEY_FILE = "/run/secrets/openai-key"',
+    ],
+}
+
+
 def default_config_toml() -> str:
     """A commented TOML file listing every key with its default."""
     lines = [
@@ -414,7 +605,13 @@ def default_config_toml() -> str:
     for section, fields in _sections(Settings, ""):
         if section:
             lines.append(f"[{section}]")
+        tables: list[tuple[str, str]] = []
         for name, default, description in fields:
+            if isinstance(default, dict) and not default and section:
+                # An empty table is written as its own [section.name] after the section's
+                # keys, in the shape the README documents, so entries can be added under it.
+                tables.append((name, description))
+                continue
             if description:
                 lines.append(f"# {description}")
             if name == "data_dir":
@@ -422,6 +619,12 @@ def default_config_toml() -> str:
             else:
                 lines.append(f"{name} = {_toml_value(default)}")
         lines.append("")
+        for name, description in tables:
+            lines.append(f"[{section}.{name}]")
+            if description:
+                lines.append(f"# {description}")
+            lines.extend(_TABLE_EXAMPLES.get(f"{section}.{name}", []))
+            lines.append("")
     return "\n".join(lines)
 
 

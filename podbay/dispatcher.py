@@ -563,7 +563,7 @@ class Dispatcher:
             else None
         )
         name = project.name if project else ""
-        run_id = await self.store.run_create(state.key, name, prompt, self.engine.agent.name)
+        run_id = await self.store.run_create(state.key, name, prompt, self.engine.agent_name)
         self.stats["runs"] += 1
         state.running = ActiveRun(run_id, len(batch), self._clock(), name)
         task = state.run_task = asyncio.create_task(

@@ -31,6 +31,10 @@ class Positional:
     name: str
     required: bool = True
     rest: bool = False  # takes every remaining word ("help new project")
+    # A value must match this (e.g. r"#?\d+" for a run id). Text whose first argument does
+    # not is no attempt at the command: "run tests" is a prompt, "run 12" a command.
+    pattern: str | None = None
+    hint: str = ""  # what a valid value looks like, for the usage error
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,15 @@ class Registry:
         self, spec: CommandSpec, args: list[str], tail: str, projects: Collection[str]
     ) -> bool:
         """Whether text starting with ``spec``'s words is an attempt at that command."""
+        first = spec.positionals[0] if spec.positionals else None
+        if (
+            first is not None
+            and first.pattern is not None
+            and args
+            and not re.fullmatch(first.pattern, args[0])
+            and _OPTION_LIKE.search(tail) is None
+        ):
+            return False
         if len(spec.words) + len(args) <= _ATTEMPT_WORDS:  # ``args`` holds at most two words
             return True
         if _OPTION_LIKE.search(tail) is not None:
@@ -278,7 +291,10 @@ class Registry:
         if len(word) > _MAX_SUGGEST:
             return None
         names = [s.name for s in self._specs.values()]
-        firsts = {s.words[0]: s.name for s in self._specs.values()}
+        firsts: dict[str, str] = {}
+        for spec in self._specs.values():
+            # "delet" suggests `delete`, the first command of that word, not `delete run`.
+            firsts.setdefault(spec.words[0], spec.name)
         close = difflib.get_close_matches(word.lower(), [*names, *firsts], n=1, cutoff=cutoff)
         if not close:
             return None
@@ -386,6 +402,11 @@ class Registry:
             extra = " ".join(positionals[len(spec.positionals) :])
             raise UsageError(f"unexpected argument '{self._quote(extra, 60)}'\nusage: {spec.usage}")
         for pos, value in zip(spec.positionals, positionals, strict=False):
+            if pos.pattern is not None and not re.fullmatch(pos.pattern, value):
+                raise UsageError(
+                    f"<{pos.name}> must be {pos.hint or 'of the form ' + pos.pattern}, got "
+                    f"'{self._quote(value, 40)}'\nusage: {spec.usage}"
+                )
             args[pos.name] = value
         missing = [p.name for p in spec.positionals[len(positionals) :] if p.required]
         if missing:

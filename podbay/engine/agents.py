@@ -315,9 +315,9 @@ def build_agent(
     *,
     procs: ProcessTracker | None = None,
 ) -> Agent:
-    """The agent described by ``[agent]``; its processes go through ``procs``."""
+    """The host agent described by ``[agent]``; its processes go through ``procs``."""
     if preset != "command" or where != "host":
-        raise NotConfigured(f"agent preset {preset!r} where {where!r} is not available")
+        raise NotConfigured(f"agent preset {preset!r} where {where!r} runs in containers")
     if not command:
         return NoAgent()
     return HostCommandAgent(command, procs=procs)

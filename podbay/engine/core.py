@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from podbay.config import Settings
-from podbay.engine.agents import Agent, build_agent
+from podbay.engine.agents import Agent, NoAgent, build_agent
 from podbay.engine.docker import ContainerInfo, DockerProvisioner
 from podbay.engine.jobs import JobRunner
 from podbay.engine.lifecycle import ContainerStats, ProjectManager, instance_id
@@ -45,11 +45,11 @@ class Engine:
         # Every child podbay starts goes through this tracker: recorded in the store, killed
         # as a whole tree, and found again after a crash (kill_survivors at start-up).
         self.procs = ProcessTracker(store, scope=f"podbay-{instance_id(settings.data_dir)}")
-        self.agent = agent or build_agent(
-            settings.agent.command,
-            settings.agent.preset,
-            settings.agent.where,
-            procs=self.procs,
+        # The host agent (command preset); container runners are picked per project.
+        self.agent = agent or (
+            build_agent(settings.agent.command, procs=self.procs)
+            if settings.agent.where == "host"
+            else NoAgent()
         )
         self._explicit_agent = agent is not None
         self.provisioner = provisioner
@@ -63,6 +63,13 @@ class Engine:
 
     # -- agents -----------------------------------------------------------------------
 
+    @property
+    def agent_name(self) -> str:
+        """What runs.agent records: the test's agent, or the configured preset."""
+        if self._explicit_agent or self.settings.agent.where == "host":
+            return self.agent.name
+        return str(self.settings.agent.preset)
+
     def runner_for(self, project: ProjectRow | None) -> Agent:
         """The agent that runs freeform text of a conversation whose project is ``project``."""
         if self._explicit_agent or self.settings.agent.where == "host":
@@ -75,6 +82,35 @@ class Engine:
         raise NotConfigured(
             f"agent preset {self.settings.agent.preset!r} in containers is not available yet"
         )
+
+    async def recent_runs(self, project: str | None = None, limit: int = 10) -> list[RunRow]:
+        return await self.store.runs_recent(project=project, limit=limit)
+
+    async def run_details(self, run_id: int, lines: int = 20) -> tuple[RunRow, list[str]]:
+        """A run and the last ``lines`` of what it said."""
+        run = await self.store.run_get(run_id)
+        if run is None:
+            raise UserError(f"No run #{run_id}; `runs` lists the recent ones.")
+        events = await self.store.run_events(run_id)
+        return run, [data for _, _, data in events[-lines:]]
+
+    async def delete_run(self, run_id: int) -> RunRow:
+        """Delete a finished run; an active one is refused, naming its status."""
+        run = await self.store.run_delete(run_id)
+        if run is None:
+            raise UserError(f"No run #{run_id}; `runs` lists the recent ones.")
+        if run.status in ("pending", "running"):
+            raise UserError(
+                f"Run #{run_id} is {run.status}: it cannot be deleted while it runs. "
+                "`stop` it first (in its conversation), then delete it."
+            )
+        return run
+
+    async def verbosity(self, session: SessionKey) -> int:
+        return (await self.store.session_get(session)).verbose
+
+    async def set_verbosity(self, session: SessionKey, level: int) -> None:
+        await self.store.session_set_verbose(session, level)
 
     # -- projects ---------------------------------------------------------------------
 

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 Notify = Callable[[str], Awaitable[None]]
 
+# What a finished job means for the project's agent (told at the conversation's next turn).
+_DONE = {
+    "new project": "the project was created",
+    "restart": "the container was restarted",
+    "rebuild": "the container was rebuilt (a fresh container; the source and home are kept)",
+}
+
 
 class JobHandle:
     """Given to a job's work function: record steps and tell the requester."""
@@ -103,18 +110,29 @@ class JobRunner:
             raise
         except UserError as exc:
             await self._store.job_finish(handle.id, "failed", str(exc))
+            await self._event(handle.project, "job failed", f"`{kind}` failed: {exc}")
             await self._tell(handle, f"{kind} {handle.project} failed: {exc}")
         except Exception as exc:
             ref = secrets.token_hex(4)
             log.exception("job %s (%s %s) failed [ref %s]", handle.id, kind, handle.project, ref)
             await self._store.job_finish(handle.id, "failed", f"{type(exc).__name__}: {exc}")
+            await self._event(handle.project, "job failed", f"`{kind}` failed (internal error)")
             await self._tell(handle, f"{kind} {handle.project} failed (internal error, ref {ref}).")
         else:
             await self._store.job_finish(handle.id, "succeeded")
+            if kind in _DONE:
+                await self._event(handle.project, kind, _DONE[kind])
             if result:
                 await self._tell(handle, result)
         finally:
             self._running.pop(handle.project, None)
+
+    async def _event(self, project: str, kind: str, text: str) -> None:
+        """Record what happened to the project; the agent hears of it at its next turn."""
+        try:
+            await self._store.event_add(project, kind, text[:300])
+        except Exception:
+            log.exception("could not record event %r of %s", kind, project)
 
     @staticmethod
     async def _tell(handle: JobHandle, text: str) -> None:

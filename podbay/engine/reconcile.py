@@ -54,6 +54,7 @@ class Reconciler:
                 continue
             self._reported[row.name] = problem
             actions.append(f"{row.name}: {problem}")
+            await store.event_add(row.name, "container", problem)
             for key in await store.sessions_using(row.name):
                 await self.notify(
                     key,

@@ -39,6 +39,10 @@ class FakeRun:
                 await self.release.wait()
             else:
                 await asyncio.sleep(random.uniform(0, agent.auto_release))
+            if agent.script is not None:
+                for event in agent.script:
+                    yield event
+                return
             yield TextEvent(f"echo: {self.request.prompt}")
             if self.fail:
                 yield FinishedEvent(ok=False, exit_code=3, error="it broke")
@@ -75,6 +79,8 @@ class FakeAgent:
         # test can act while a cancellation is under way.
         self.cancelling = asyncio.Event()
         self.cancel_gate: asyncio.Event | None = None
+        # When set, every run yields exactly these events (tools, notices, a finish).
+        self.script: list[AgentEvent] | None = None
 
     def run(self, request: RunRequest) -> FakeRun:
         run = FakeRun(self, request)

@@ -7,12 +7,15 @@ import time
 from dataclasses import dataclass, field
 
 from podbay.config import Settings
+from podbay.engine.agent_cli import AgentCliStore
 from podbay.engine.agents import Agent, NoAgent, build_agent
+from podbay.engine.container_agent import ContainerAgent
 from podbay.engine.docker import ContainerInfo, DockerProvisioner
 from podbay.engine.jobs import JobRunner
 from podbay.engine.lifecycle import ContainerStats, ProjectManager, instance_id
 from podbay.engine.procs import ProcessTracker
 from podbay.engine.runs import RunService
+from podbay.engine.stacks import dev_ids
 from podbay.engine.store import JobRow, ProjectRow, RunRow, SessionRow, Store
 from podbay.errors import EngineError, NotConfigured, UserError
 from podbay.messages import SessionKey
@@ -52,6 +55,8 @@ class Engine:
             else NoAgent()
         )
         self._explicit_agent = agent is not None
+        self.agent_clis = AgentCliStore(settings.data_dir, procs=self.procs)
+        self._container_agent: ContainerAgent | None = None
         self.provisioner = provisioner
         self.runs = RunService(store, settings, self.runner_for)
         self.jobs = JobRunner(store)
@@ -79,9 +84,24 @@ class Engine:
                 "No active project: `use <project>` picks one, or `new project <name>` "
                 "creates one. The coding agent runs inside a project's container."
             )
-        raise NotConfigured(
-            f"agent preset {self.settings.agent.preset!r} in containers is not available yet"
-        )
+        if self.projects is None:
+            raise NotConfigured(
+                "Agents run inside project containers, and no Docker engine is configured "
+                "(see `podbay doctor`)."
+            )
+        if self._container_agent is None:
+            manager = self.projects
+            uid, gid = dev_ids()
+            self._container_agent = ContainerAgent(
+                manager.docker,
+                self.agent_clis,
+                self.settings.agent,
+                user=f"{uid}:{gid}",
+                container_for=lambda request: (
+                    request.container or manager.container_name(request.project)
+                ),
+            )
+        return self._container_agent
 
     async def recent_runs(self, project: str | None = None, limit: int = 10) -> list[RunRow]:
         return await self.store.runs_recent(project=project, limit=limit)

@@ -19,6 +19,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
+from podbay.config import AgentConfig
 from podbay.engine.agents import (
     AgentEvent,
     FailureKind,
@@ -68,32 +69,15 @@ class AgentPreset(Protocol):
         request: RunRequest,
         *,
         resume_id: str | None,
-        config: object | None = None,
+        config: AgentConfig | None = None,
         executable: str = ...,
     ) -> list[str]: ...
 
     def stdin(self, request: RunRequest) -> bytes: ...
 
-    def env(self, config: object | None = None) -> dict[str, str]: ...
+    def env(self, config: AgentConfig | None = None) -> dict[str, str]: ...
 
     def parser(self, *, workdir: str = WORKSPACE) -> StreamParser: ...
-
-
-# -- settings ------------------------------------------------------------------------
-# ``config`` is ``settings.agent`` (podbay.config.AgentConfig). Read by name so presets
-# stay usable with any object carrying these fields (and with None: the defaults).
-
-
-def _setting(config: object | None, name: str, default: str = "") -> str:
-    value = getattr(config, name, default)
-    return value if isinstance(value, str) else default
-
-
-def _setting_list(config: object | None, name: str) -> list[str]:
-    value = getattr(config, name, None)
-    if isinstance(value, list | tuple):
-        return [str(item) for item in value]
-    return []
 
 
 # -- claude ----------------------------------------------------------------------------
@@ -109,7 +93,7 @@ class ClaudePreset:
         request: RunRequest,
         *,
         resume_id: str | None,
-        config: object | None = None,
+        config: AgentConfig | None = None,
         executable: str = "claude",
     ) -> list[str]:
         argv = [
@@ -119,24 +103,24 @@ class ClaudePreset:
             "stream-json",
             "--verbose",  # required by -p with stream-json
             "--permission-mode",
-            _setting(config, "permission_mode", "bypassPermissions") or "bypassPermissions",
+            (config.permission_mode if config else "") or "bypassPermissions",
         ]
-        model = _setting(config, "model")
+        model = config.model if config else ""
         if model:
             argv += ["--model", model]
         if resume_id:
             argv += ["--resume", resume_id]
-        return argv + _setting_list(config, "extra_args")
+        return argv + list(config.extra_args if config else ())
 
     def stdin(self, request: RunRequest) -> bytes:
         return request.prompt.encode()
 
-    def env(self, config: object | None = None) -> dict[str, str]:
+    def env(self, config: AgentConfig | None = None) -> dict[str, str]:
         # The binary is pinned and mounted read-only: its auto-updater, telemetry and error
         # reporting have nothing to do; with a custom endpoint they would also be the only
         # traffic to Anthropic. [agent.env] may still override both.
         env = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-        base_url = _setting(config, "base_url")
+        base_url = config.base_url if config else ""
         if base_url:
             env["ANTHROPIC_BASE_URL"] = base_url
         return env
@@ -315,8 +299,8 @@ def claude_tool_event(name: str, tool_input: Mapping[str, Any], *, workdir: str)
 
 def _claude_path_detail(name: str, shown: str, tool_input: Mapping[str, Any]) -> str:
     if name == "Write":
-        content = _str(tool_input.get("content"))
-        return f"{shown}: {len(content.splitlines())} lines"
+        lines = len(_str(tool_input.get("content")).splitlines())
+        return f"{shown}: {lines} line{'' if lines == 1 else 's'}"
     if name == "Edit":
         old, new = _str(tool_input.get("old_string")), _str(tool_input.get("new_string"))
         removed = "".join(f"- {line}\n" for line in old.splitlines())
@@ -345,7 +329,7 @@ class CodexPreset:
         request: RunRequest,
         *,
         resume_id: str | None,
-        config: object | None = None,
+        config: AgentConfig | None = None,
         executable: str = "codex",
     ) -> list[str]:
         argv = [
@@ -365,13 +349,13 @@ class CodexPreset:
             "-c",
             "check_for_update_on_startup=false",
         ]
-        model = _setting(config, "model")
+        model = config.model if config else ""
         if model:
             argv += ["-m", model]
-        base_url = _setting(config, "base_url")
+        base_url = config.base_url if config else ""
         if base_url:
             argv += codex_provider_overrides(base_url)
-        argv += _setting_list(config, "extra_args")
+        argv += list(config.extra_args if config else ())
         # The options above belong to `exec` and must precede the subcommand; `-` makes
         # codex read the prompt from stdin (and not wait for more after it).
         if resume_id:
@@ -381,7 +365,7 @@ class CodexPreset:
     def stdin(self, request: RunRequest) -> bytes:
         return request.prompt.encode()
 
-    def env(self, config: object | None = None) -> dict[str, str]:
+    def env(self, config: AgentConfig | None = None) -> dict[str, str]:
         return {}
 
     def parser(self, *, workdir: str = WORKSPACE) -> CodexStreamParser:
@@ -449,9 +433,9 @@ class CodexStreamParser:
         elif kind == "turn.failed":
             error = event.get("error")
             message = _str(error.get("message")) if isinstance(error, dict) else ""
-            self._failed = message or self._error or "the turn failed"
+            self._failed = _codex_message(message) or self._error or "the turn failed"
         elif kind == "error":
-            message = _str(event.get("message"))
+            message = _codex_message(_str(event.get("message")))
             if message.startswith("Reconnecting"):
                 if not self._announced_retry:
                     self._announced_retry = True
@@ -513,6 +497,14 @@ class CodexStreamParser:
             num_turns=self._turns or None,
             failure=failure,
         )
+
+
+# codex appends ", url: <endpoint>, request id: <id>" to API errors: noise in a chat line.
+_CODEX_ERROR_NOISE = re.compile(r",\s*(?:url|request id): [^,)]*")
+
+
+def _codex_message(message: str) -> str:
+    return _CODEX_ERROR_NOISE.sub("", message).strip()
 
 
 def unwrap_shell(command: str) -> str:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,22 +30,13 @@ from fakes import anthropic_api as claude_api  # noqa: E402
 from fakes import openai_api as codex_api  # noqa: E402
 from fakes.agent_clis import agent_clis  # noqa: E402
 
+from podbay.config import AgentConfig  # noqa: E402
 from podbay.engine.agents import RunRequest  # noqa: E402
 from podbay.engine.presets import CLAUDE, CODEX  # noqa: E402
 
 IMAGE = "debian:bookworm-slim"
 CLAUDE_EXE = "/opt/agent/claude"
 CODEX_EXE = "/opt/agent/bin/codex"
-
-
-@dataclass
-class AgentSettings:
-    """The fields of ``settings.agent`` the presets read."""
-
-    model: str = ""
-    base_url: str = ""
-    permission_mode: str = "bypassPermissions"
-    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,7 +124,7 @@ async def claude(
     async with claude_api.FakeAnthropic() as fake:
         fake.script(*turns)
         request = RunRequest(prompt=prompt)
-        config = AgentSettings(base_url=fake.base_url, extra_args=list(extra))
+        config = AgentConfig(preset="claude", base_url=fake.base_url, extra_args=list(extra))
         argv = CLAUDE.argv(request, resume_id=resume, config=config, executable=CLAUDE_EXE)
         env = {**claude_env(fake), **CLAUDE.env(config), **env}
         code, out, err = await run_in_container(
@@ -228,7 +219,8 @@ async def codex(
         request = RunRequest(prompt=prompt)
         # No config.toml: the custom endpoint comes from the preset's -c options alone.
         # codex retries 429/5xx with back-off: record the first answer.
-        config = AgentSettings(
+        config = AgentConfig(
+            preset="codex",
             model=fake.model,
             base_url=fake.base_url,
             extra_args=[]

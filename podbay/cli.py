@@ -325,6 +325,80 @@ async def _ssh_config(settings: Settings, *, write: bool) -> int:
     return await _with_manager(settings, use)
 
 
+_AGENT_CREDENTIALS = {
+    "claude": ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"),
+    "codex": ("OPENAI_API_KEY", "CODEX_API_KEY"),
+}
+
+
+def _check_agent(settings: Settings, problems: list[tuple[str, str]], notes: list[str]) -> None:
+    """The configured agent: a host command on PATH, or the coding CLI podbay fetches."""
+    from podbay.engine.agent_cli import AgentCliStore, resolve_version
+
+    agent = settings.agent
+    if agent.preset == "command":
+        command = agent.command
+        if not command:
+            notes.append("no agent configured: freeform messages will explain how to set one")
+        elif agent.where == "container":
+            notes.append(
+                f"agent command {command[0]!r} runs in the project container "
+                "(its image must provide it)"
+            )
+        elif shutil.which(command[0]) is None:
+            problems.append(
+                (
+                    f"agent command {command[0]!r} is not on PATH",
+                    "install it, or fix `[agent] command` in the config",
+                )
+            )
+        else:
+            notes.append(f"agent command {command[0]!r} found")
+        return
+    name = agent.preset
+    try:
+        version = resolve_version(name, agent.version)
+        store = AgentCliStore(settings.data_dir)
+        cli = store.lookup(name, version)
+        others = [c for c in store.installed() if (c.name, c.version) != (name, version)]
+    except (UserError, OSError) as exc:
+        problems.append((f"agent: {exc}", "fix `[agent] version` in the config"))
+        return
+    if cli is not None:
+        notes.append(f"agent: {name} {version} installed at {cli.host_dir}")
+    elif shutil.which("npm") is None:
+        problems.append(
+            (
+                f"agent: {name} {version} is not fetched yet and npm is not on PATH",
+                "install npm (e.g. `apt-get install npm`): podbay fetches the CLI with it "
+                "on first use",
+            )
+        )
+    else:
+        notes.append(
+            f"agent: {name} {version} not fetched yet; podbay fetches it on first use (npm found)"
+        )
+    if others:
+        listed = ", ".join(f"{c.name} {c.version}" for c in others)
+        notes.append(f"also in {settings.data_dir / 'agents'}: {listed}")
+    if agent.where == "host":
+        problems.append(
+            (
+                f"agent: {name} runs on this host, outside the project container, with "
+                "nothing to sandbox what it does",
+                'set `[agent] where = "container"` (the default for claude and codex)',
+            )
+        )
+    # Names only: the values are secrets.
+    given = set(agent.resolved_env())
+    wanted = _AGENT_CREDENTIALS.get(name, ())
+    if not given.intersection(wanted):
+        notes.append(
+            f"[agent.env] sets none of {', '.join(wanted)}: {name} needs one, "
+            "unless it was logged in inside the project"
+        )
+
+
 async def _doctor(settings: Settings) -> int:
     problems: list[tuple[str, str]] = []
     notes: list[str] = []
@@ -358,18 +432,7 @@ async def _doctor(settings: Settings) -> int:
             problems.append(cpus_problem)
         if cpus_note:
             notes.append(cpus_note)
-    command = settings.agent.command
-    if not command:
-        notes.append("no agent configured: freeform messages will explain how to set one")
-    elif shutil.which(command[0]) is None:
-        problems.append(
-            (
-                f"agent command {command[0]!r} is not on PATH",
-                "install it, or fix `[agent] command` in the config",
-            )
-        )
-    else:
-        notes.append(f"agent command {command[0]!r} found")
+    _check_agent(settings, problems, notes)
     if settings.transports.matrix.enabled:
         matrix_problem = await _check_matrix(settings)
         if matrix_problem:

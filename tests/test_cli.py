@@ -293,3 +293,57 @@ def test_an_undecodable_line_gets_its_own_error_and_later_lines_are_still_answer
     assert out.index("Projects:") < out.index("You are console:")
     assert out.count("is not valid UTF-8") == 1
     assert "Traceback" not in result.stderr.decode("utf-8", "replace")
+
+
+def test_doctor_says_a_claude_cli_not_fetched_yet_comes_on_first_use(tmp_path: Path) -> None:
+    result = podbay(tmp_path, "doctor", config='[agent]\npreset = "claude"\n')
+    out = result.stdout
+    assert "agent: claude 2.1.332 not fetched yet; podbay fetches it on first use" in out
+    assert "problem: agent" not in out
+
+
+def test_doctor_reports_missing_npm_when_the_cli_is_not_fetched_yet(tmp_path: Path) -> None:
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    result = podbay(
+        tmp_path, "doctor", config='[agent]\npreset = "codex"\n', env={"PATH": str(empty_bin)}
+    )
+    assert result.returncode == 1
+    assert "problem: agent: codex 0.171.0 is not fetched yet and npm is not on PATH" in (
+        result.stdout
+    )
+    assert "fix: install npm" in result.stdout
+
+
+def test_doctor_shows_where_the_fetched_cli_is_installed(tmp_path: Path) -> None:
+    import asyncio
+    import shutil
+
+    from podbay.engine.agent_cli import AgentCliStore
+
+    if shutil.which("npm") is None:
+        pytest.skip("needs npm")
+    data = tmp_path / "data"
+    cli = asyncio.run(AgentCliStore(data).ensure("claude"))
+    try:
+        result = podbay(tmp_path, "doctor", config='[agent]\npreset = "claude"\n')
+        assert f"ok: agent: claude 2.1.332 installed at {cli.host_dir}" in result.stdout
+    finally:
+        shutil.rmtree(data / "agents", ignore_errors=True)
+
+
+def test_doctor_flags_a_coding_agent_set_to_run_outside_the_container(tmp_path: Path) -> None:
+    result = podbay(tmp_path, "doctor", config='[agent]\npreset = "claude"\nwhere = "host"\n')
+    assert result.returncode == 1
+    assert "problem: agent: claude runs on this host, outside the project container" in (
+        result.stdout
+    )
+    assert 'fix: set `[agent] where = "container"`' in result.stdout
+
+
+def test_doctor_does_not_look_for_a_container_command_on_the_host(tmp_path: Path) -> None:
+    result = podbay(
+        tmp_path, "doctor", config='[agent]\ncommand = ["only-in-the-image"]\nwhere = "container"\n'
+    )
+    assert "problem: agent command" not in result.stdout
+    assert "agent command 'only-in-the-image' runs in the project container" in result.stdout

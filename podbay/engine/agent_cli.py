@@ -77,6 +77,23 @@ class AgentCli:
         return f"{self.container_dir}/{self.binary}"
 
 
+def agents_root(data_dir: Path) -> Path:
+    """``<data dir>/agents``, created 0755 (whatever the umask) when missing.
+
+    Containers bind-mount it, so it must exist before one is created: Docker would make a
+    missing source itself, owned by root.
+    """
+    root = data_dir / "agents"
+    _mkdir_0755(root)
+    return root
+
+
+def _mkdir_0755(path: Path) -> None:
+    if not path.is_dir():
+        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(path, 0o755)
+
+
 def container_path(cli: AgentCli) -> str:
     """Where ``cli``'s executable is inside a project container."""
     return cli.container_path
@@ -196,7 +213,7 @@ class AgentCliStore:
         return cli
 
     def _staging(self, name: str, version: str) -> Path:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        agents_root(self.root.parent)
         _remove_abandoned(self.root)
         staging = self.root / f"{_TMP_PREFIX}{name}-{version}-{os.getpid()}-{secrets.token_hex(4)}"
         (staging / "npm").mkdir(mode=0o755, parents=True)
@@ -268,7 +285,7 @@ class AgentCliStore:
             + "\n"
         )
         os.chmod(kept / _MARKER, 0o644)
-        (self.root / name).mkdir(mode=0o755, exist_ok=True)
+        _mkdir_0755(self.root / name)
         try:
             kept.rename(cli.host_dir)
         except OSError:

@@ -455,6 +455,11 @@ class ProjectManager:
         creds = self.secrets_dir(row.name) / "git-credentials"
         if creds.exists():
             binds[str(creds)] = ("/run/podbay/git-credentials", "ro")
+        # The agent CLIs podbay fetches (engine/agent_cli.py), shared read-only by every
+        # project; Docker would create a missing bind source as root, so make it first.
+        from podbay.engine.agent_cli import CONTAINER_ROOT, agents_root
+
+        binds[str(agents_root(self.settings.data_dir))] = (CONTAINER_ROOT, "ro")
         listen = "127.0.0.1" if self.settings.docker.network == "host" else "0.0.0.0"
         docker_cfg = self.settings.docker
         return ContainerSpec(

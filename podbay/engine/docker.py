@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
+import socket
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -399,6 +402,111 @@ class DockerProvisioner:
             code, out.decode(errors="replace"), err.decode(errors="replace"), timed_out
         )
 
+    async def exec_stream(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        user: str,
+        workdir: str = "/workspace",
+        env: Mapping[str, str],
+        tag: str,
+    ) -> ExecStream:
+        """Start ``argv`` in the running container ``name`` and stream it (see ExecStream).
+
+        ``env`` goes to this exec only: Docker keeps an exec's environment out of the
+        container's config, so ``docker inspect`` never shows it. The command gets
+        ``PODBAY_RUN=<tag>`` and its own session inside the container, which is how
+        :meth:`kill_tagged` finds every process it starts, also with a remote engine.
+        """
+        _check_tag(tag)
+        if not argv:
+            raise ValueError("exec_stream needs a command")
+        wrapped = ["sh", "-c", _SESSION_WRAPPER, "podbay-exec", *argv]
+        full_env = {**env, RUN_TAG_ENV: tag}
+        loop = asyncio.get_running_loop()
+
+        def start() -> tuple[str, Any]:
+            exec_id = self._exec_create(
+                name, wrapped, user=user, workdir=workdir, env=full_env, stdin=True
+            )
+            return exec_id, self._docker().api.exec_start(exec_id, socket=True)
+
+        started = asyncio.ensure_future(self._call("exec", start))
+        try:
+            exec_id, raw = await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # The thread still finishes starting it: close that connection when it does.
+            started.add_done_callback(_close_started)
+            raise
+        return ExecStream(self, exec_id, raw, loop)
+
+    async def exec_exit_code(self, exec_id: str) -> int | None:
+        """The exec's exit code once it has ended, None while it runs."""
+        state = await self._call("exec inspect", lambda: self._docker().api.exec_inspect(exec_id))
+        if state.get("Running"):
+            return None
+        code = state.get("ExitCode")
+        if code is None:
+            raise EngineError("the engine reports no exit code for the finished command")
+        return int(code)
+
+    async def kill_tagged(
+        self, name: str, tag: str, *, grace_s: float, user: str | None = None
+    ) -> list[int]:
+        """End every process of the exec tagged ``tag`` in ``name``; return the pids left.
+
+        Inside the container (so it works with a remote engine): SIGTERM to each process
+        carrying ``PODBAY_RUN=<tag>`` or in the session or under a process of one, then
+        SIGKILL to whatever is left after ``grace_s``, then a re-check. It runs as ``user``,
+        by default the container's configured user. A stopped or missing container has no
+        processes left: [].
+        """
+        ticks = max(0, int(grace_s * 10 + 0.999))
+        return await self._tagged_script(name, tag, "kill", ticks, user, timeout_s=grace_s + 10)
+
+    async def tagged_processes(self, name: str, tag: str, *, user: str | None = None) -> list[int]:
+        """Pids of the live processes of the exec tagged ``tag`` in ``name`` (see kill_tagged)."""
+        return await self._tagged_script(name, tag, "list", 0, user, timeout_s=10)
+
+    async def _tagged_script(
+        self, name: str, tag: str, mode: str, ticks: int, user: str | None, *, timeout_s: float
+    ) -> list[int]:
+        _check_tag(tag)
+        info = await self.inspect(name)
+        if info is None or info.state != "running":
+            return []
+        if user is None:
+            config = (await self.inspect_raw(name)).get("Config") or {}
+            user = str(config.get("User") or "")
+            if not user:
+                raise EngineError(f"{name} has no configured user to look for processes as")
+        try:
+            result = await self.exec_run(
+                name,
+                ["sh", "-c", _TAGGED_SCRIPT, "podbay-procs", tag, mode, str(ticks)],
+                user=user,
+                workdir="/",
+                timeout_s=timeout_s,
+            )
+        except EngineError:
+            # Stopped meanwhile: then nothing of the run is left either.
+            info = await self.inspect(name)
+            if info is None or info.state != "running":
+                return []
+            raise
+        # Only integers are taken from what the container printed.
+        for line in result.stdout.splitlines():
+            if line.startswith(_ALIVE_MARKER):
+                words = line[len(_ALIVE_MARKER) :].split()
+                if all(word.isdigit() for word in words):
+                    return [int(word) for word in words]
+        if result.timed_out:
+            raise EngineError(f"finding the processes of run {tag} in {name} timed out")
+        raise EngineError(
+            f"finding the processes of run {tag} in {name} failed (exit {result.exit_code})"
+        )
+
     async def stats(self, name: str) -> tuple[float, int, int]:
         """(CPU percent, memory bytes, memory limit) from one non-streaming sample."""
 
@@ -417,6 +525,335 @@ class DockerProvisioner:
 
         result = await self._call("stats", run)
         return (float(result[0]), int(result[1]), int(result[2]))
+
+
+# -- streaming exec -----------------------------------------------------------------
+
+RUN_TAG_ENV = "PODBAY_RUN"
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_ALIVE_MARKER = "PODBAY-ALIVE"
+
+# $0 podbay-exec, "$@" the command. runc already makes an exec its own session leader;
+# elsewhere setsid(1) does: without forking when the shell leads no group, so the exit code
+# stays the command's own.
+_SESSION_WRAPPER = """\
+fields() { pgrp=$3 sid=$4; }
+read -r st < /proc/self/stat
+fields ${st##*) }
+if [ "$sid" = "$$" ]; then exec "$@"; fi
+if [ "$pgrp" != "$$" ]; then exec setsid "$@"; fi
+exec setsid --wait "$@"
+"""
+
+# $1 tag, $2 list|kill, $3 grace in tenths of a second. A process belongs to the run when
+# its environment has PODBAY_RUN=<tag>, or its parent or session leader is known to belong
+# (so a child that dropped the variable is found too); $known keeps dead members, whose
+# pids still name sessions and parents. Zombies are dead already. Prints the live pids.
+_TAGGED_SCRIPT = """\
+tag=$1 mode=$2 ticks=$3 me=$$ known=' ' alive=''
+fields() { state=$1 ppid=$2 sid=$4; }
+scan() {
+  for f in $(grep -lzxF -e "PODBAY_RUN=$tag" /proc/[0-9]*/environ 2>/dev/null); do
+    p=${f#/proc/}; p=${p%/environ}
+    case $known in *" $p "*) ;; *) known="$known$p ";; esac
+  done
+  grew=1
+  while [ -n "$grew" ]; do
+    grew='' alive=''
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}
+      if [ "$p" = "$me" ] || [ "$p" = 1 ]; then continue; fi
+      st=''
+      { read -r st < "$d/stat"; } 2>/dev/null || continue
+      [ -n "$st" ] || continue
+      fields ${st##*) }
+      case $known in
+        *" $p "*) ;;
+        *" $ppid "*|*" $sid "*) known="$known$p " grew=1 ;;
+        *) continue ;;
+      esac
+      [ "$state" = Z ] || alive="$alive $p"
+    done
+  done
+}
+scan
+if [ "$mode" = kill ]; then
+  i=0
+  while [ -n "$alive" ] && [ "$i" -lt "$ticks" ]; do
+    kill -TERM $alive 2>/dev/null
+    sleep 0.1
+    i=$((i + 1))
+    scan
+  done
+  i=0
+  while [ -n "$alive" ] && [ "$i" -lt 30 ]; do
+    kill -KILL $alive 2>/dev/null
+    sleep 0.1
+    i=$((i + 1))
+    scan
+  done
+fi
+echo "PODBAY-ALIVE$alive"
+"""
+
+# Output chunks the reader may hold before it stops reading (and the engine, in turn,
+# stops the command's writes): a slow consumer costs bounded memory.
+_STREAM_BUFFER_BYTES = 4 << 20
+_FRAME_HEADER = 8
+_STREAM_NAMES: dict[int, Literal["stdout", "stderr"]] = {0: "stdout", 1: "stdout", 2: "stderr"}
+
+
+def _check_tag(tag: str) -> None:
+    if not _TAG_RE.fullmatch(tag):
+        raise ValueError(f"a run tag is 1-64 letters, digits and _.:- (got {tag!r})")
+
+
+def _close_started(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        _, raw = future.result()
+        with contextlib.suppress(Exception):
+            _SocketPump.unwrap(raw)[1].close()
+        with contextlib.suppress(Exception):
+            raw.close()
+
+
+Chunk = tuple[Literal["stdout", "stderr"], bytes]
+
+
+class _SocketPump:
+    """Thread-side I/O on the hijacked exec connection.
+
+    One thread reads and demultiplexes Docker's frames (8-byte header: stream type 1
+    stdout or 2 stderr, three zero bytes, a big-endian length; then the payload); writes
+    come from worker threads. Closing first shuts the socket down, which wakes blocked
+    reads and writes, and only then closes the descriptor under both locks, so no thread
+    ever uses a descriptor number that was reused meanwhile.
+    """
+
+    def __init__(
+        self,
+        raw: Any,
+        deliver: Callable[[Chunk | None], None],
+        label: str,
+    ) -> None:
+        self._raw = raw
+        self._response, self._sock = self.unwrap(raw)
+        self._deliver = deliver
+        self._read_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._budget = threading.Condition()
+        self._buffered = 0
+        self.closed = False
+        self.write_closed = False
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._pump, name=f"podbay-{label}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def unwrap(raw: Any) -> tuple[Any, Any]:
+        """(HTTP response, the socket under the SDK's SocketIO wrapper, if it is one)."""
+        response = getattr(raw, "_response", None)
+        if isinstance(raw, socket.SocketIO):
+            return response, raw._sock  # type: ignore[attr-defined]
+        return response, raw
+
+    def _take_buffered(self) -> bytes:
+        """Frames that arrived with the HTTP upgrade sit in http.client's read buffer,
+        which reading the socket bypasses: take them first so none is lost."""
+        reader = getattr(getattr(getattr(self._response, "raw", None), "_fp", None), "fp", None)
+        if not isinstance(reader, io.BufferedReader) or not isinstance(self._sock, socket.socket):
+            return b""
+        try:
+            self._sock.settimeout(0)  # peek never blocks: at most what the kernel has
+            pending = reader.peek()
+            return reader.read(len(pending)) if pending else b""
+        except (OSError, ValueError):
+            return b""
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(None)
+
+    def _recv(self) -> bytes:
+        with self._read_lock:
+            if self.closed:
+                return b""
+            return bytes(self._sock.recv(1 << 16))
+
+    def _pump(self) -> None:
+        buffer = bytearray(self._take_buffered())
+        with contextlib.suppress(Exception):
+            self._sock.settimeout(None)  # quiet commands are normal; close() unblocks
+        stream = 1
+        remaining = 0
+        try:
+            while True:
+                while True:
+                    if remaining == 0:
+                        if len(buffer) < _FRAME_HEADER:
+                            break
+                        stream = buffer[0]
+                        remaining = int.from_bytes(buffer[4:8], "big")
+                        del buffer[:_FRAME_HEADER]
+                        continue
+                    if not buffer:
+                        break
+                    piece = bytes(buffer[:remaining])
+                    del buffer[: len(piece)]
+                    remaining -= len(piece)
+                    self._push((_STREAM_NAMES.get(stream, "stdout"), piece))
+                data = self._recv()
+                if not data:
+                    break
+                buffer += data
+        except OSError as exc:
+            if not self.closed:
+                self.error = _short(exc)
+        except RuntimeError:
+            pass  # the event loop is gone: nobody is listening any more
+        finally:
+            self.close()
+            with contextlib.suppress(RuntimeError):
+                self._deliver(None)
+
+    def _push(self, chunk: Chunk) -> None:
+        with self._budget:
+            while self._buffered >= _STREAM_BUFFER_BYTES and not self.closed:
+                self._budget.wait(0.5)
+            self._buffered += len(chunk[1])
+        self._deliver(chunk)
+
+    def consumed(self, size: int) -> None:
+        with self._budget:
+            self._buffered -= size
+            self._budget.notify()
+
+    def send(self, data: bytes) -> None:
+        with self._write_lock:
+            if self.closed or self.write_closed:
+                raise BrokenPipeError("the command's stdin is closed")
+            self._sock.sendall(data)
+
+    def shutdown_write(self) -> None:
+        with self._write_lock:
+            if self.closed or self.write_closed:
+                return
+            self.write_closed = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with self._state_lock:
+            if self.closed:
+                return
+            self.closed = True
+        with contextlib.suppress(Exception):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with self._budget:
+            self._budget.notify_all()
+        with self._read_lock, self._write_lock:
+            for resource in (self._sock, self._raw, self._response):
+                if resource is not None:
+                    with contextlib.suppress(Exception):
+                        resource.close()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class ExecStream:
+    """A running ``docker exec``: its output as it comes, its stdin, its exit code.
+
+    ``read()`` gives ``("stdout" | "stderr", bytes)`` chunks in the order the engine sent
+    them, then None once the command and everything holding its output have ended.
+    Close it (``async with``) when done early; at the end of output it closes itself.
+    """
+
+    def __init__(
+        self,
+        provisioner: DockerProvisioner,
+        exec_id: str,
+        raw: Any,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.exec_id = exec_id
+        self._provisioner = provisioner
+        self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        self._ended = asyncio.Event()  # the engine closed the output: the command is done
+        self._at_eof = False
+        self._exit_code: int | None = None
+
+        def arrived(chunk: Chunk | None) -> None:
+            self._queue.put_nowait(chunk)
+            if chunk is None:
+                self._ended.set()
+
+        def deliver(chunk: Chunk | None) -> None:
+            loop.call_soon_threadsafe(arrived, chunk)
+
+        self._pump = _SocketPump(raw, deliver, f"exec-{exec_id[:12]}")
+
+    async def __aenter__(self) -> ExecStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def read(self) -> Chunk | None:
+        """The next output chunk, or None at the end of both streams."""
+        if self._at_eof:
+            return None
+        chunk = await self._queue.get()
+        if chunk is None:
+            self._at_eof = True
+            if self._pump.error is not None:
+                raise EngineError(f"the command's output broke off: {self._pump.error}")
+            return None
+        self._pump.consumed(len(chunk[1]))
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        """Write to the command's stdin (waits while the command does not read)."""
+        try:
+            await asyncio.to_thread(self._pump.send, data)
+        except OSError as exc:
+            raise EngineError(f"writing to the command's stdin failed: {_short(exc)}") from exc
+
+    async def close_stdin(self) -> None:
+        """End of input: the command reads EOF; its output keeps coming."""
+        await asyncio.to_thread(self._pump.shutdown_write)
+
+    async def wait(self) -> int:
+        """The exit code, once the command has ended (its output may still be unread).
+
+        The end of the output stream says when to ask the engine; until then it is asked
+        now and then, since a background process may hold the output open for a while.
+        """
+        if self._exit_code is not None:
+            return self._exit_code
+        interval = 0.1
+        ended_before = False
+        while True:
+            if not self._ended.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ended.wait(), timeout=interval)
+            code = await self._provisioner.exec_exit_code(self.exec_id)
+            if code is not None:
+                self._exit_code = code
+                return code
+            if self._ended.is_set():
+                # Output ended: the engine records the exit within moments, unless the
+                # command closed its output and goes on (then this slows down again).
+                interval = min(interval * 2, 2.0) if ended_before else 0.02
+                ended_before = True
+                await asyncio.sleep(interval)
+            else:
+                interval = min(interval * 2, 2.0)
+
+    async def close(self) -> None:
+        """Drop the connection (the command keeps running: kill_tagged ends it)."""
+        await asyncio.to_thread(self._pump.close)
+        await asyncio.to_thread(self._pump.join, 5.0)
 
 
 def _ensure_network(client: Any, name: str) -> None:

@@ -616,6 +616,10 @@ def default_config_toml() -> str:
                 lines.append(f"# {description}")
             if name == "data_dir":
                 lines.append(f"# {name} = {_toml_value(str(DEFAULT_DATA_DIR))}")
+            elif f"{section}.{name}" == "agent.where":
+                # Follows the preset unless set: pinning "host" here would keep a later
+                # `preset = "claude"` out of the project's container.
+                lines.append('# where = "container"  # default: container for claude/codex')
             else:
                 lines.append(f"{name} = {_toml_value(default)}")
         lines.append("")

@@ -51,6 +51,18 @@ _SHAPES = re.compile(
 )
 
 
+# Secrets from podbay's own configuration ([agent.env] values, platform tokens): whatever
+# their shape, they are masked wherever they appear. Process-wide on purpose: a log line
+# from any module must not carry them either.
+_configured: set[str] = set()
+_MIN_CONFIGURED = 8  # shorter values would mask ordinary words
+
+
+def remember_secrets(values: Iterable[str]) -> None:
+    """Mask these exact values from now on (values shorter than 8 characters are ignored)."""
+    _configured.update(v for v in values if len(v) >= _MIN_CONFIGURED)
+
+
 def _names(secret_options: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({n.lower() for n in secret_options if n}))
 
@@ -123,6 +135,11 @@ def _spans(text: str, names: tuple[str, ...]) -> list[tuple[int, int]]:
         if span is not None:
             spans.append(span)
     spans.extend(m.span() for m in _SHAPES.finditer(text))
+    for value in _configured:
+        start = text.find(value)
+        while start != -1:
+            spans.append((start, start + len(value)))
+            start = text.find(value, start + len(value))
     spans.sort()
     merged: list[tuple[int, int]] = []
     for start, end in spans:

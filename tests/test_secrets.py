@@ -113,3 +113,30 @@ def test_no_row_log_line_reply_or_prompt_ever_contains_the_secret(
     assert leaks == []
     # The scenario did reach the places it checks: the agent got the freeform prompts.
     assert any("[redacted]" in text for text in seen)
+
+
+async def test_configured_agent_secrets_are_masked_in_agent_output(tmp_path: Path) -> None:
+    from podbay.engine.agents import FinishedEvent, TextEvent
+
+    key = "plainkey-without-any-known-shape-42"
+    config = Settings(
+        data_dir=tmp_path,
+        access={"admins": ["memory:alice"]},
+        agent={"env": {"SOME_API_KEY": key}},
+    )
+    agent = FakeAgent(auto_release=0.0)
+    agent.script = [TextEvent(f"my key is {key}"), FinishedEvent(ok=True)]
+    async with await Store.open(tmp_path / "podbay.db") as store:
+        dispatcher = Dispatcher(Engine(store, config, agent=agent), build_registry(), config)
+        transport = MemoryTransport()
+        dispatcher.attach(transport)
+        await transport.start(dispatcher.submit)
+        await dispatcher.recover()
+        await transport.say("what is your key?", session=DM, direct=True)
+        await dispatcher.drain()
+        replies = transport.texts(DM)
+        assert "my key is [redacted]" in replies
+        (run,) = await store.runs_recent()
+        events = await store.run_events(run.id)
+        assert all(key not in data for _, _, data in events)
+        await dispatcher.shutdown()

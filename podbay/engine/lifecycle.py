@@ -492,10 +492,17 @@ class ProjectManager:
                 f"Container log:\n{logs or '(empty)'}"
             )
 
+    async def _cancel_runs(self, project: str, job: JobHandle) -> None:
+        """Agent runs in the container end before it goes away (each one is told)."""
+        if self.cancel_runs is not None:
+            cancelled = await self.cancel_runs(project)
+            await job.step("runs", f"cancelled {cancelled}")
+
     async def restart(self, project: str, job: JobHandle) -> None:
         row = await self._row(project)
         assert row.ssh_port is not None
         await asyncio.to_thread(_check_source, row)
+        await self._cancel_runs(project, job)
         await self.docker.restart(self.container_name(project))
         await self._wait_ready(self.container_name(project), row.ssh_port)
         await job.step("restarted")
@@ -504,6 +511,7 @@ class ProjectManager:
         """New image if inputs changed; a new container with the same source, keys, port
         and host key (the home volume is kept)."""
         row = await self._row(project)
+        await self._cancel_runs(project, job)
         # Docker follows a symlink at the bind source: never mount what the path now
         # points to unless it is still a real directory at the same place.
         await asyncio.to_thread(_check_source, row)

@@ -43,7 +43,8 @@ _MISSING_CLI_EXIT = 127
 # container created before podbay mounted its agents).
 _WRAPPER = (
     'mkdir -p "$HOME" && cd /workspace || exit 1; '
-    'if [ ! -x "$1" ]; then echo "podbay: agent CLI missing at $1" >&2; exit 127; fi; '
+    'case "$1" in /*) if [ ! -x "$1" ]; then '
+    'echo "podbay: agent CLI missing at $1" >&2; exit 127; fi;; esac; '
     'exec "$@"'
 )
 

@@ -222,3 +222,33 @@ async def test_codex_writes_a_file_and_resumes_its_thread(
     await codex.ask("and now?", "Still here.")
     resumed = json.dumps(openai.turn_requests[first_turns].body)
     assert "please create hello.txt" in resumed, "the second turn resumes the thread"
+
+
+async def test_a_lost_claude_conversation_starts_fresh_and_says_so(
+    claude: AgentBot, anthropic: claude_api.FakeAnthropic
+) -> None:
+    await claude.ask("new project demo", "is ready", timeout=300)
+    anthropic.script(claude_api.Text("First answer."))
+    await claude.ask("remember this", "First answer.")
+    # The CLI's own record of the conversation is gone (a new home volume, a cleanup).
+    await claude.in_container("demo", "rm -rf /home/dev/.podbay/agent-home/.claude/projects")
+    anthropic.script(claude_api.Text("Fresh answer."))
+    await claude.ask("and now?", "Fresh answer.")
+    assert any("started a fresh agent session" in t for t in claude.texts())
+
+
+async def test_the_command_preset_runs_in_the_container_as_dev(
+    docker_engine: None, tmp_path: Path
+) -> None:
+    agent = AgentConfig(
+        preset="command", where="container", command=["sh", "-c", "cat; echo; id -u; pwd"]
+    )
+    ab = await start_bot(tmp_path, agent)
+    try:
+        await ab.ask("new project demo", "is ready", timeout=300)
+        reply = await ab.ask("hello from chat", "/workspace")
+        lines = reply.splitlines()
+        assert lines[:1] == ["hello from chat"] or "hello from chat" in ab.texts()
+        assert str(expected_uid()) in reply
+    finally:
+        await stop_bot(ab)

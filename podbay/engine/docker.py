@@ -647,6 +647,9 @@ class _SocketPump:
         self.closed = False
         self.write_closed = False
         self.error: str | None = None
+        # Taken before anyone can write: it briefly makes the socket non-blocking, and a
+        # concurrent sendall() on a non-blocking socket fails with EAGAIN.
+        self._initial = self._take_buffered()
         self._thread = threading.Thread(target=self._pump, name=f"podbay-{label}", daemon=True)
         self._thread.start()
 
@@ -681,7 +684,7 @@ class _SocketPump:
             return bytes(self._sock.recv(1 << 16))
 
     def _pump(self) -> None:
-        buffer = bytearray(self._take_buffered())
+        buffer = bytearray(self._initial)
         with contextlib.suppress(Exception):
             self._sock.settimeout(None)  # quiet commands are normal; close() unblocks
         stream = 1

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from podbay.config import AgentConfig
 from podbay.engine.agent_cli import AgentCliStore
@@ -210,6 +212,8 @@ class ContainerRun:
                 "source, keys and port."
             )
         finished = parser.finish(code, tail)
+        if preset is not None and preset.name == "codex" and finished.usage:
+            finished = _per_run_usage(finished, self._request.session_state)
         if isinstance(parser, CommandParser):
             for event in parser.tail:
                 yield event
@@ -236,3 +240,21 @@ async def _feed(stream: ExecStream, data: bytes) -> None:
         await stream.write(data)
     finally:
         await stream.close_stdin()
+
+
+def _per_run_usage(finished: FinishedEvent, session_state: Mapping[str, str]) -> FinishedEvent:
+    """Codex's ``turn.completed`` usage counts the whole thread: keep those totals (for the
+    next run to subtract) and report this run's share."""
+    totals = {k: v for k, v in finished.usage.items() if isinstance(v, int)}
+    try:
+        before = json.loads(session_state.get("thread_totals", "{}"))
+    except ValueError:
+        before = {}
+    if not isinstance(before, dict):
+        before = {}
+    usage: dict[str, Any] = {
+        k: max(0, v - int(before.get(k, 0) or 0)) if isinstance(before.get(k, 0), int) else v
+        for k, v in totals.items()
+    }
+    usage["thread_totals"] = totals
+    return dataclasses.replace(finished, usage=usage)

@@ -10,11 +10,12 @@ a run happens and relays the events it yields.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from podbay.config import Settings
@@ -110,6 +111,19 @@ class RunService:
                 else {}
             ),
         )
+        if project is not None and request.session_state:
+            # Codex reports usage summed over its whole thread: the runner subtracts what
+            # the previous run of this conversation reported.
+            previous = await self.store.runs_recent(
+                project=project.name, session=plan.session, limit=2
+            )
+            earlier = [r for r in previous if r.id != plan.run_id]
+            totals = earlier[0].usage.get("thread_totals") if earlier else None
+            if isinstance(totals, dict):
+                request = replace(
+                    request,
+                    session_state={**request.session_state, "thread_totals": json.dumps(totals)},
+                )
         run: AgentRun | None = None
         finished: FinishedEvent | None = None
         try:

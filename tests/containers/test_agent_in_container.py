@@ -211,7 +211,8 @@ async def test_codex_writes_a_file_and_resumes_its_thread(
         codex_api.shell("printf 'hello from codex\\n' > hello.txt"),
         codex_api.Text("I created hello.txt."),
     )
-    await codex.ask("please create hello.txt", "I created hello.txt.")
+    await codex.ask("please create hello.txt", "tokens")  # the footer: the run is recorded
+    assert "I created hello.txt." in codex.texts()
     hello = codex.projects / "demo" / "hello.txt"
     assert hello.read_text() == "hello from codex\n"
     assert hello.stat().st_uid == expected_uid()
@@ -219,9 +220,15 @@ async def test_codex_writes_a_file_and_resumes_its_thread(
     first_turns = len(openai.turn_requests)
 
     openai.script(codex_api.Text("Still here."))
-    await codex.ask("and now?", "Still here.")
+    await codex.ask("and now?", "tokens")  # the footer comes once the run is recorded
+    assert "Still here." in codex.texts()
     resumed = json.dumps(openai.turn_requests[first_turns].body)
     assert "please create hello.txt" in resumed, "the second turn resumes the thread"
+    # codex sums usage over the thread; podbay reports each run's own share.
+    assert codex.bot.store is not None
+    second, first = await codex.bot.store.runs_recent(limit=2)
+    assert first.usage["input_tokens"] == 2 * codex_api.INPUT_TOKENS  # two model calls
+    assert second.usage["input_tokens"] == codex_api.INPUT_TOKENS, second.usage
 
 
 async def test_a_lost_claude_conversation_starts_fresh_and_says_so(

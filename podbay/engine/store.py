@@ -203,6 +203,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX events_project_at ON events (project, at)",
     ),
+    (
+        # When an unknown sender was last refused: one refusal per interval, across restarts.
+        "CREATE TABLE denials (identity TEXT PRIMARY KEY, at REAL NOT NULL)",
+        # When an SSH port was last given up (a project deleted or rolled back): free ports
+        # that were never used, or freed longest ago, are handed out first, so an editor's
+        # idea of "the host on port N" changes as rarely as possible.
+        "CREATE TABLE ports_released (port INTEGER PRIMARY KEY, at REAL NOT NULL)",
+    ),
 ]
 
 _RESTARTED = "podbay restarted"

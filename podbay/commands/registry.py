@@ -120,6 +120,8 @@ _NEAR_MISS = 0.8
 # letter. A lone "-" or "—" is punctuation.
 _DASH_RUN = re.compile(f"[{re.escape(DASHES)}]+")
 _OPTION_LIKE = re.compile(rf"(?<!\S)[{re.escape(DASHES)}]{{1,3}}[^\W\d_]")
+# A whole word that is an option rather than a value: dashes, then a letter ("-1" is a value).
+_OPTION_WORD = re.compile(rf"[{re.escape(DASHES)}]+[^\W\d_]")
 # Text after the command words longer than this is not a command: real ones (a git URL, a
 # path, a token) are far shorter, and tokenising megabytes is what made parsing slow.
 MAX_COMMAND_CHARS = 4096
@@ -133,6 +135,11 @@ _ATTEMPT_WORDS = 3
 _PUNCTUATION = "`'\".,;:!?()[]{}<>"
 # Shorter "secrets" are not replaced throughout an error message (they would mangle it).
 _MIN_SCRUBBED = 4
+
+
+def _valid_dashes(dashes: str) -> bool:
+    """``-x``, ``--name``, or one Unicode dash (``—name``: a phone's ``--``); not ``---``."""
+    return dashes in ("-", "--") or (len(dashes) == 1 and dashes != "-")
 
 
 class Registry:
@@ -361,6 +368,8 @@ class Registry:
                 continue
             flag, eq, value = token.partition("=")
             name = flag[dashes.end() :]
+            if not _valid_dashes(dashes.group(0)):
+                raise UsageError(self._too_many_dashes(spec, flag, name, secrets))
             # "—stack" is "--stack" typed on a phone; only a single ASCII "-" is short.
             short = dashes.group(0) == "-"
             opt = spec.option(name) if (not short or len(name) == 1) else None
@@ -372,6 +381,12 @@ class Registry:
                 secret = secret_option_name(flag, secrets)
                 opt = spec.option(secret) if secret else None
             if opt is None:
+                owners = self._owners(name, spec)
+                if owners:
+                    raise UsageError(
+                        f"--{name} is an option of {owners}, not of `{spec.name}`\n"
+                        f"usage: {spec.usage}"
+                    )
                 known = [f"--{o.name}" for o in spec.options if len(o.name) > 1]
                 known += [f"-{o.short}" for o in spec.options if o.short]
                 close = difflib.get_close_matches(
@@ -389,6 +404,14 @@ class Registry:
             if not eq:
                 if i >= len(tokens):
                     raise UsageError(f"--{opt.name} needs a value\nusage: {spec.usage}")
+                if not only_positionals and _OPTION_WORD.match(tokens[i]):
+                    # "--token --bogus=x": the option's value was forgotten. The next word
+                    # is not echoed: for a secret option it may be the secret after all.
+                    raise UsageError(
+                        f"--{opt.name} needs a value, and the word after it looks like an "
+                        f"option (write --{opt.name}=VALUE for a value that starts with a "
+                        f"dash)\nusage: {spec.usage}"
+                    )
                 value = tokens[i]
                 i += 1
             if opt.name in options:
@@ -412,6 +435,31 @@ class Registry:
         if missing:
             raise UsageError(f"missing <{missing[0]}>\nusage: {spec.usage}")
         return Invocation(spec, args, options)
+
+    def _too_many_dashes(
+        self, spec: CommandSpec, flag: str, name: str, secrets: Collection[str]
+    ) -> str:
+        """The error for ``---path``: which option was meant, if any (the flag redacted)."""
+        opt = spec.option(name)
+        if opt is None:
+            secret = secret_option_name("--" + name, secrets)
+            opt = spec.option(secret) if secret else None
+        meant = opt.name if opt is not None else None
+        if meant is None and self._owners(name, spec):
+            meant = name
+        hint = f": an option takes two dashes, --{meant}" if meant else ""
+        return f"unknown option {self._quote(flag, 60)}{hint}\nusage: {spec.usage}"
+
+    def _owners(self, name: str, spec: CommandSpec) -> str:
+        """The other commands that have option ``name``, as "`delete`" or "`a` or `b`"."""
+        if len(name) <= 1:
+            return ""
+        owners = [
+            f"`{other.name}`"
+            for other in self._specs.values()
+            if other is not spec and any(o.name == name for o in other.options)
+        ]
+        return " or ".join(owners)
 
     def _quote(self, text: str, limit: int) -> str:
         """User text for an error message: redacted before it is cut, since a cut secret no

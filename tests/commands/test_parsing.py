@@ -263,3 +263,69 @@ def test_a_megabyte_message_parses_to_a_usage_error_or_freeform(
         assert len(str(err.value)) < 1000
     else:
         assert isinstance(reg.parse(text, projects=["demo"]), Freeform)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("new project demo ---path /tmp/x", "---path: an option takes two dashes, --path"),
+        ("new project demo ---stack go", "---stack: an option takes two dashes, --stack"),
+        ("delete demo ---purge", "---purge: an option takes two dashes, --purge"),
+        ("new project demo —-stack go", "—-stack: an option takes two dashes, --stack"),
+    ],
+)
+def test_three_dashes_are_refused_naming_the_two_dash_option(
+    reg: Registry, text: str, expected: str
+) -> None:
+    with pytest.raises(UsageError) as err:
+        reg.parse(text)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("form", ["---token {s}", "---token={s}", "———token {s}"])
+def test_three_dash_token_is_refused_and_its_value_still_redacted(reg: Registry, form: str) -> None:
+    text = "new project demo " + form.format(s=SECRET)
+    with pytest.raises(UsageError) as err:
+        reg.parse(text)
+    assert "two dashes, --token" in str(err.value)
+    assert SECRET not in str(err.value)
+    assert SECRET not in reg.redact(text) and reg.has_secret(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "new project demo --token --bogus=x",
+        "new project demo --token --stack go",
+        "new project demo --path —stack",
+        "new project demo --stack -x",
+    ],
+)
+def test_an_option_value_that_looks_like_an_option_is_an_error(reg: Registry, text: str) -> None:
+    with pytest.raises(UsageError) as err:
+        reg.parse(text)
+    message = str(err.value)
+    assert "needs a value" in message and "looks like an option" in message
+    assert "=VALUE" in message
+
+
+def test_a_negative_number_is_still_a_value(reg: Registry) -> None:
+    inv = command(reg.parse("new project demo --cpus -1"))
+    assert inv.opt("cpus") == "-1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("new project demo --purge", "--purge is an option of `delete`, not of `new project`"),
+        ("delete demo --stack go", "--stack is an option of `new project`, not of `delete`"),
+        ("logs demo --purge", "--purge is an option of `delete`, not of `logs`"),
+    ],
+)
+def test_an_option_of_another_command_says_which_command_it_belongs_to(
+    reg: Registry, text: str, expected: str
+) -> None:
+    with pytest.raises(UsageError) as err:
+        reg.parse(text)
+    assert expected in str(err.value)
+    assert "did you mean" not in str(err.value)

@@ -64,6 +64,10 @@ USAGE_ERRORS = [
     ("!restart the server after changing the config file", "usage: restart <project>"),
     ("!delete the unused imports", "usage: delete <project>"),
     ("! ssh", "missing <project>"),
+    # Three dashes, an option of another command, a forgotten option value (issue 10).
+    ("delete demo2 ---purge", "an option takes two dashes, --purge"),
+    ("restart demo2 --purge", "--purge is an option of `delete`, not of `restart`"),
+    ("new project x --token --stack go", "--token needs a value, and the word after it looks"),
 ]
 
 

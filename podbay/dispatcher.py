@@ -380,7 +380,8 @@ class Dispatcher:
                     return
                 if role < Role.OPERATOR:
                     raise PermissionDenied(
-                        f"Talking to the agent needs the operator role; you are a {role.label}."
+                        "Talking to the agent needs the operator role; "
+                        f"you are {role.with_article}."
                     )
                 # A secret never reaches the agent (nor runs.prompt, nor its echo).
                 await self._accept_freeform(
@@ -392,7 +393,7 @@ class Dispatcher:
             kind = spec.kind
             if role < spec.role:
                 raise PermissionDenied(
-                    f"`{spec.name}` needs the {spec.role.label} role; you are a {role.label}."
+                    f"`{spec.name}` needs the {spec.role.label} role; you are {role.with_article}."
                 )
             ctx = CommandContext(
                 inbound=inbound,

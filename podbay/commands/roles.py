@@ -16,6 +16,11 @@ class Role(IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    @property
+    def with_article(self) -> str:
+        """"a viewer", "an operator", "an admin": for "you are ..." in replies."""
+        return f"{'an' if self.label[0] in 'aeiou' else 'a'} {self.label}"
+
 
 def role_for(identity: str, access: AccessConfig) -> Role | None:
     """The highest role ``identity`` holds, or None for an unknown sender."""

@@ -55,6 +55,7 @@ from podbay.engine.stacks import (
     detect_stack,
     dev_ids,
     discover_stacks,
+    progress_line,
     stack_image_spec,
 )
 from podbay.engine.store import ProjectRow, Store
@@ -647,7 +648,7 @@ class ProjectManager:
                 await asyncio.wait({build}, timeout=10)
                 if not build.done() and progress is not None and lines:
                     step = next((ln for ln in reversed(lines) if ln.startswith("Step ")), lines[-1])
-                    await progress(f"Building {spec.tag}: {step[:120]}")
+                    await progress(f"Building {spec.tag}: {progress_line(step)}")
         finally:
             if not build.done():
                 build.cancel()

@@ -176,3 +176,17 @@ def dev_ids() -> tuple[int, int]:
     """uid/gid of the container user: podbay's own, or 1000 when podbay runs as root."""
     uid, gid = os.getuid(), os.getgid()
     return (1000, 1000) if uid == 0 else (uid, gid)
+
+
+def progress_line(line: str, limit: int = 120) -> str:
+    """A build output line for a progress message: at most ``limit`` characters, cut between
+    words with "…" (a word longer than the whole limit is cut inside it)."""
+    line = " ".join(line.split())
+    if len(line) <= limit:
+        return line
+    head = line[: limit - 1]
+    space = head.rfind(" ")
+    # The next character being a space means head ends on a whole word already.
+    if line[limit - 1] != " " and space > 0:
+        head = head[:space]
+    return head.rstrip() + "…"

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import (
     BaseModel,
@@ -114,6 +114,21 @@ class DispatcherConfig(_Section):
                 f"({self.coalesce_window_ms})"
             )
         return self
+
+
+@overload
+def _absolute(value: Path) -> Path: ...
+@overload
+def _absolute(value: list[Path]) -> list[Path]: ...
+def _absolute(value: Path | list[Path]) -> Path | list[Path]:
+    """``~`` expanded and made absolute against the directory podbay started in.
+
+    Resolved once, when the settings are built: a relative path handed on later (a bind
+    mount, a child's cwd) would mean something else, or nothing, to its reader.
+    """
+    if isinstance(value, list):
+        return [p.expanduser().resolve() for p in value]
+    return value.expanduser().resolve()
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -318,9 +333,7 @@ class ProjectsConfig(_Section):
     @field_validator("root", "allowed_roots")
     @classmethod
     def _expand_paths(cls, value: Path | list[Path]) -> Path | list[Path]:
-        if isinstance(value, list):
-            return [p.expanduser() for p in value]
-        return value.expanduser()
+        return _absolute(value)
 
     @field_validator("ssh_port_range")
     @classmethod
@@ -363,6 +376,11 @@ class DockerConfig(_Section):
     stats_interval_s: float = Field(
         30.0, gt=0, description="How often CPU and memory of containers are sampled."
     )
+
+    @field_validator("stacks_dirs", "extra_ca_certs")
+    @classmethod
+    def _absolute_paths(cls, value: list[Path]) -> list[Path]:
+        return _absolute(value)
 
     @field_validator("memory")
     @classmethod
@@ -471,7 +489,7 @@ class Settings(BaseSettings):
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+        return _absolute(value)
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
@@ -542,8 +560,8 @@ def load_settings(
         problems = "\n".join(f"  - {_describe(err, source)}" for err in exc.errors())
         raise ConfigError(f"invalid configuration:\n{problems}") from exc
     if data_dir is not None:
-        # An explicit --data-dir beats PODBAY_DATA_DIR.
-        settings.data_dir = data_dir.expanduser()
+        # An explicit --data-dir beats PODBAY_DATA_DIR (made absolute by the validator).
+        settings.data_dir = data_dir
     return settings, read
 
 

@@ -165,7 +165,6 @@ class Dispatcher:
         self._transports: dict[str, Transport] = {}
         self._sessions: dict[SessionKey, _Session] = {}
         self._slots = FifoSlots(self._cfg.max_concurrent_runs)
-        self._denied: dict[str, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._flushing = False
@@ -451,14 +450,10 @@ class Dispatcher:
     async def _deny(self, inbound: Inbound) -> None:
         self.stats["denied"] += 1
         identity = inbound.sender.identity
-        now = self._clock()
         interval = self.settings.access.deny_reply_interval_s
-        # Keep the table bounded: forget refusals older than the interval.
-        for who in [w for w, at in self._denied.items() if now - at >= interval]:
-            del self._denied[who]
-        if identity in self._denied:
+        # In the store, not in memory: a restart must not repeat the refusal.
+        if not await self.store.denial_due(identity, interval):
             return
-        self._denied[identity] = now
         await self.send(
             inbound.session,
             Reply(
@@ -687,17 +682,16 @@ class Dispatcher:
                 ),
             )
         interrupted, received = await self.store.inbox_recover()
-        by_session: dict[SessionKey, list[InboxRow]] = {}
+        # One line per interrupted run (listing the messages it was given), plus one for the
+        # messages no run had taken yet: a batch of ten messages is one piece of lost work.
+        by_session: dict[SessionKey, dict[int | None, list[InboxRow]]] = {}
         for row in interrupted:
-            by_session.setdefault(row.inbound.session, []).append(row)
-        for key, rows in by_session.items():
-            lines = [
-                f"podbay restarted while working on: {_excerpt(r.inbound.text)}; "
-                "resend if still needed"
-                for r in rows[:10]
-            ]
-            if len(rows) > 10:
-                lines.append(f"…and {len(rows) - 10} more.")
+            runs = by_session.setdefault(row.inbound.session, {})
+            runs.setdefault(row.run_id, []).append(row)
+        for key, runs in by_session.items():
+            lines = [_interrupted_line(run_id, rows) for run_id, rows in list(runs.items())[:10]]
+            if len(runs) > 10:
+                lines.append(f"…and {len(runs) - 10} more.")
             await self.send(key, Reply("\n".join(lines), "error"))
         # From here to the end nothing awaits: no message can slip between the inbox read
         # above and opening the gate, and none is dispatched twice.
@@ -894,6 +888,14 @@ def _without(text: str, secret_values: Sequence[str]) -> str:
 
 def _kib(size: int) -> str:
     return f"{size / 1024:.0f} KiB" if size >= 1024 else f"{size} bytes"
+
+
+def _interrupted_line(run_id: int | None, rows: Sequence[InboxRow], shown: int = 5) -> str:
+    what = " · ".join(_excerpt(r.inbound.text, 60 if len(rows) > 1 else 80) for r in rows[:shown])
+    if len(rows) > shown:
+        what += f" · …and {len(rows) - shown} more"
+    run = f" (run #{run_id})" if run_id is not None else ""
+    return f"podbay restarted while working on: {what}{run}; resend if still needed"
 
 
 def _excerpt(text: str, limit: int = 80) -> str:

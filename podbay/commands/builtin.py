@@ -72,10 +72,10 @@ async def cmd_status(ctx: CommandContext, inv: Invocation) -> None:
     cpus = project.settings.get("cpus")
     if cpus is not None:
         lines.append(f"limits: {float(cpus):g} CPUs, {project.settings.get('memory')} memory")
-    if ctx.engine.projects is not None:
-        # Read inside the container as dev: host git must never open a tree it can write.
-        lines.append(await ctx.engine.projects.git_status(project))
-    runs = await ctx.engine.store.runs_recent(project=project.name, limit=5)
+    git = await ctx.engine.git_summary(project)
+    if git is not None:
+        lines.append(git)
+    runs = await ctx.engine.recent_runs(project=project.name, limit=5)
     if runs:
         lines.append("recent runs:")
         lines += [f"• #{r.id} {r.status}: {r.prompt[:60]!r}" for r in runs]

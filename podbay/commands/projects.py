@@ -13,11 +13,14 @@ from podbay.engine.jobs import JobHandle
 from podbay.engine.lifecycle import NewProjectRequest, check_memory, parse_cpus
 from podbay.engine.ssh import connection_info
 from podbay.errors import UserError
+from podbay.transports.render import code_block
 
 
 async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
-    manager = ctx.engine.require_projects()
     name = inv.args["name"]
+    # Busy first: nothing may be announced (or planned) for a project whose job still runs.
+    ctx.engine.ensure_no_job(name)
+    manager = ctx.engine.require_projects()
     token = inv.opt("token")
     if token is not None and (token == "[redacted]" or not token.strip()):
         raise UserError("The token was redacted before podbay stored this message; send it again.")
@@ -38,6 +41,12 @@ async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
     progress = ctx.progress()
 
     async def work(job: JobHandle) -> str:
+        # Announced from inside the job: it is only said once the job has really started.
+        try:
+            await progress.update("\n".join([f"Creating `{name}` at `{plan.path}`…", *plan.notes]))
+        except BaseException:
+            await manager.release(plan)
+            raise
         created = await manager.create(plan, job, progress.update)
         project = created.project
         lines = [
@@ -53,7 +62,6 @@ async def cmd_new_project(ctx: CommandContext, inv: Invocation) -> None:
         return "\n".join(lines)
 
     try:
-        await progress.update("\n".join([f"Creating `{name}` at `{plan.path}`…", *plan.notes]))
         await ctx.start_job(name, "new project", work)
     except BaseException:
         await manager.release(plan)  # the job never started: give the reservation back
@@ -115,16 +123,12 @@ async def cmd_ssh(ctx: CommandContext, inv: Invocation) -> None:
 
 
 async def cmd_logs(ctx: CommandContext, inv: Invocation) -> None:
-    manager = ctx.engine.require_projects()
     project = await ctx.engine.project(inv.args["project"])
     raw = inv.opt("n") or "50"
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise UserError(f"-n takes a number of lines from 1 to 1000, got {raw[:10]!r}.")
-    text = (await manager.docker.logs(manager.container_name(project.name), int(raw))).strip()
-    fence = "````" if "```" in text else "```"
-    await ctx.reply(
-        f"Last {raw} log lines of `{project.name}`:\n{fence}\n{text or '(empty)'}\n{fence}"
-    )
+    text = (await ctx.engine.container_logs(project.name, int(raw))).strip("\n")
+    await ctx.reply(f"Last {raw} log lines of `{project.name}`:\n{code_block(text or '(empty)')}")
 
 
 def register(registry: Registry) -> None:

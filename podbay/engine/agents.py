@@ -10,6 +10,7 @@ plug in behind the same interface.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 from collections import deque
@@ -230,13 +231,17 @@ class HostCommandRun:
         # even if a stray child held them open.
         reaper = asyncio.create_task(procs.finish(tracked))
         finished = False
+        # Incremental: a read can end inside a multibyte character; its bytes wait for the
+        # next read instead of each half becoming U+FFFD.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             buffer = ""
             while chunk := await tracked.stdout.read(65536):
-                buffer += chunk.decode(errors="replace")
+                buffer += decoder.decode(chunk)
                 done, buffer = paragraphs(buffer, final=False)
                 for text in done:
                     yield TextEvent(text)
+            buffer += decoder.decode(b"", final=True)
             done, _ = paragraphs(buffer, final=True)
             for text in done:
                 yield TextEvent(text)

@@ -181,14 +181,21 @@ class ContainerRun:
         self._stream = stream
         stderr: deque[str] = deque(maxlen=20)
         writer = asyncio.create_task(_feed(stream, stdin))
+        # Both streams are cut into lines before decoding: b"\n" never occurs inside a UTF-8
+        # multibyte sequence, so a character split across two frames is joined again first.
         pending = b""
+        pending_err = b""
         try:
             while (chunk := await stream.read()) is not None:
                 which, data = chunk
                 if which == "stderr":
-                    for line in data.decode(errors="replace").splitlines():
-                        if line.strip():
-                            stderr.append(line)
+                    pending_err += data
+                    *err_lines, pending_err = pending_err.split(b"\n")
+                    # Only the tail of stderr is ever shown: a line without end stays bounded.
+                    pending_err = pending_err[-65536:]
+                    for raw in err_lines:
+                        if raw.strip():
+                            stderr.append(raw.decode(errors="replace").rstrip("\r"))
                     continue
                 pending += data
                 *lines, pending = pending.split(b"\n")
@@ -198,6 +205,8 @@ class ContainerRun:
             if pending:
                 for event in parser.feed(pending.decode(errors="replace")):
                     yield event
+            if pending_err.strip():
+                stderr.append(pending_err.decode(errors="replace"))
             code = await stream.wait()
         finally:
             writer.cancel()

@@ -169,6 +169,22 @@ class Engine:
         await self.store.session_set_project(session, project.name if project else None)
         return project
 
+    def ensure_no_job(self, project: str) -> None:
+        """Raise :class:`BusyError` (what runs, since when) if ``project`` has a job running."""
+        self.jobs.ensure_idle(project)
+
+    async def container_logs(self, project: str, lines: int) -> str:
+        """The last ``lines`` lines of ``project``'s container log."""
+        manager = self.require_projects()
+        return await manager.docker.logs(manager.container_name(project), lines)
+
+    async def git_summary(self, project: ProjectRow) -> str | None:
+        """One line on the project's git state, or None without a provisioner."""
+        if self.projects is None:
+            return None
+        # Read inside the container as dev: host git must never open a tree it can write.
+        return await self.projects.git_status(project)
+
     def require_projects(self) -> ProjectManager:
         if self.projects is None:
             raise NotConfigured(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -56,11 +57,13 @@ class RunningJob:
     kind: str
     project: str
     task: asyncio.Task[None]
+    started_at: float  # wall clock, shown to users as "since 14:02:11"
 
 
 class JobRunner:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._clock = clock
         self._running: dict[str, RunningJob | None] = {}
 
     def running(self) -> list[RunningJob]:
@@ -71,6 +74,21 @@ class JobRunner:
         if project in self._running:
             return job.kind if job else "job"
         return None
+
+    def ensure_idle(self, project: str) -> None:
+        """Raise :class:`BusyError` naming the running job and since when, if one runs."""
+        if project not in self._running:
+            return
+        job = self._running[project]
+        if job is None:  # reserved by a submit that is still recording its row
+            raise BusyError(f"busy: a job is starting for {project}; try again in a moment.")
+        since = time.strftime("%H:%M:%S", time.localtime(job.started_at))
+        age = max(0, int(self._clock() - job.started_at))
+        ago = f"{age} s" if age < 120 else f"{age // 60} min"
+        raise BusyError(
+            f"busy: {job.kind} running for {project} since {since} ({ago} ago); "
+            "try again when it has finished (`status` shows it)."
+        )
 
     async def submit(
         self,
@@ -84,9 +102,7 @@ class JobRunner:
         params: dict[str, object] | None = None,
     ) -> int:
         """Start ``work`` in the background; raises :class:`BusyError` if a job runs."""
-        current = self.busy(project)
-        if current is not None:
-            raise BusyError(f"busy: {current} running for {project}")
+        self.ensure_idle(project)
         # Reserve before the first await so two submits cannot both pass the check.
         self._running[project] = None
         try:
@@ -98,7 +114,7 @@ class JobRunner:
             raise
         handle = JobHandle(self._store, job_id, project, notify)
         task = asyncio.create_task(self._run(handle, kind, work), name=f"job-{kind}-{project}")
-        self._running[project] = RunningJob(job_id, kind, project, task)
+        self._running[project] = RunningJob(job_id, kind, project, task, self._clock())
         return job_id
 
     async def _run(self, handle: JobHandle, kind: str, work: Work) -> None:

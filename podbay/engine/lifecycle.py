@@ -61,6 +61,7 @@ from podbay.engine.stacks import (
 from podbay.engine.store import ProjectRow, Store
 from podbay.errors import EngineError, StoreError, UserError
 from podbay.messages import SessionKey
+from podbay.transports.render import code_block
 
 log = logging.getLogger(__name__)
 
@@ -656,7 +657,7 @@ class ProjectManager:
             build.result()
         except EngineError as exc:
             raise UserError(
-                f"Image build failed. Last lines:\n```\n{_tail(str(exc))}\n```"
+                f"Image build failed. Last lines:\n{code_block(_tail(str(exc)))}"
             ) from exc
 
     # -- rollback and removal ---------------------------------------------------------

@@ -1255,6 +1255,27 @@ class Store:
             rows = await self._fetchall("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
         return [_audit(r) for r in rows]
 
+    # ---------------------------------------------------------------- denials
+
+    async def denial_due(self, identity: str, interval_s: float) -> bool:
+        """True (and recorded) if ``identity`` was not refused within ``interval_s``.
+
+        Kept in the store so that a restart does not repeat a refusal; entries older than
+        the interval are forgotten on the way, which keeps the table small.
+        """
+        now = self._clock()
+        async with self._tx():
+            await self._execute("DELETE FROM denials WHERE at <= ?", (now - interval_s,))
+            row = await self._fetchone("SELECT at FROM denials WHERE identity = ?", (identity,))
+            if row is not None and now >= row["at"]:
+                return False
+            await self._execute(
+                "INSERT INTO denials (identity, at) VALUES (?, ?)"
+                " ON CONFLICT (identity) DO UPDATE SET at = excluded.at",
+                (identity, now),
+            )
+        return True
+
     # ---------------------------------------------------------------- processes
 
     async def process_add(

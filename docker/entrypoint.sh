@@ -9,8 +9,10 @@
 #   /run/podbay/authorized_keys   required, read-only bind mount: one or more public keys
 #   PODBAY_GIT_NAME, PODBAY_GIT_EMAIL   optional: git's user.name and user.email
 #   /run/podbay/git-credentials   optional, read-only: git credential-store format
-#   /home/dev/.podbay             volume: the sshd host key (kept across re-creation),
-#                                 sshd's config and pid file
+#   /run/podbay/ssh_host_ed25519_key  optional, read-only: the sshd host key podbay made (and
+#                                 pinned in its known_hosts); without it, one is made once
+#                                 and kept in the volume
+#   /home/dev/.podbay             volume: the sshd host key in use, sshd's config and pid file
 # Secrets never come through the environment.
 #
 # With arguments, runs them instead of sshd (`docker run IMAGE go version`).
@@ -22,6 +24,7 @@ PROG=podbay-entrypoint
 RUN_DIR=/run/podbay
 KEYS_IN=$RUN_DIR/authorized_keys
 CREDENTIALS=$RUN_DIR/git-credentials
+GIVEN_HOST_KEY=$RUN_DIR/ssh_host_ed25519_key
 USER_NAME=dev
 
 die() {
@@ -84,8 +87,17 @@ cat "$KEYS_IN" >"$tmp"
 chmod 600 "$tmp"
 mv -f "$tmp" "$HOME/.ssh/authorized_keys"
 
-# --- host key: made once, kept in the volume -------------------------------------------------
-if [ -e "$HOST_KEY" ] && ! ssh-keygen -y -f "$HOST_KEY" >/dev/null 2>&1; then
+# --- host key: podbay's, or made once and kept in the volume ----------------------------------
+if [ -e "$GIVEN_HOST_KEY" ]; then
+  # Copied, not used in place: sshd wants a key file of its own user that nobody else reads.
+  [ -r "$GIVEN_HOST_KEY" ] || die "$GIVEN_HOST_KEY is not readable by uid $uid (podbay chowns it to the container user)"
+  ssh-keygen -y -f "$GIVEN_HOST_KEY" >"$HOST_KEY.new.pub" 2>/dev/null ||
+    die "$GIVEN_HOST_KEY is not a valid private key (rebuild the project after removing it)"
+  cat "$GIVEN_HOST_KEY" >"$HOST_KEY.new"
+  chmod 600 "$HOST_KEY.new"
+  mv -f "$HOST_KEY.new.pub" "$HOST_KEY.pub"
+  mv -f "$HOST_KEY.new" "$HOST_KEY"
+elif [ -e "$HOST_KEY" ] && ! ssh-keygen -y -f "$HOST_KEY" >/dev/null 2>&1; then
   bad=$HOST_KEY.broken-$(date +%Y%m%d%H%M%S)
   warn "host key $HOST_KEY is unreadable or corrupt; moved it to $bad and making a new one (clients will see a changed host key)"
   mv -f "$HOST_KEY" "$bad"

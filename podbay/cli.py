@@ -484,7 +484,7 @@ async def _check_matrix(settings: Settings) -> tuple[str, str] | None:
 
     cfg = settings.transports.matrix
     state_file = settings.data_dir / "matrix" / "state.json"
-    token = cfg.access_token
+    token = cfg.access_token.get_secret_value()
     if state_file.exists():
         token = json.loads(state_file.read_text()).get("access_token") or token
     try:

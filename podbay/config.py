@@ -417,8 +417,13 @@ class MatrixTransportConfig(_Section):
     enabled: bool = Field(False, description="Serve Matrix rooms in `podbay run`.")
     homeserver: str = Field("", description='Homeserver URL, e.g. "https://matrix.example.org".')
     user_id: str = Field("", description='The bot\'s Matrix ID, e.g. "@podbay:example.org".')
-    password: str = Field("", description="Password for the first login (or use access_token).")
-    access_token: str = Field("", description="Access token instead of a password.")
+    # Secrets: shown as ********** in repr, dumps and errors; read with get_secret_value().
+    password: SecretStr = Field(
+        SecretStr(""), description="Password for the first login (or use access_token)."
+    )
+    access_token: SecretStr = Field(
+        SecretStr(""), description="Access token instead of a password."
+    )
     device_id: str = Field("", description="Device to log in as (empty: the server picks one).")
     ambient_rooms: list[str] = Field(
         default_factory=list,
@@ -438,7 +443,7 @@ class MatrixTransportConfig(_Section):
     def _credentials(self) -> MatrixTransportConfig:
         if self.enabled:
             missing = [k for k in ("homeserver", "user_id") if not getattr(self, k)]
-            if not (self.password or self.access_token):
+            if not (self.password.get_secret_value() or self.access_token.get_secret_value()):
                 missing.append("password or access_token")
             if missing:
                 raise ValueError(f"expected {', '.join(missing)} when enabled = true")
@@ -506,6 +511,22 @@ def _known_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]
     return list(current.model_fields) if current is not None else []
 
 
+def _is_secret_key(loc: tuple[str | int, ...]) -> bool:
+    """Whether ``loc`` names a SecretStr field (its value must not appear in an error)."""
+    current: type[BaseModel] = Settings
+    for part in loc:
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return False
+        annotation = info.annotation
+        if annotation is SecretStr:
+            return True
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        current = annotation
+    return False
+
+
 def _describe(error: Any, source: str) -> str:
     loc: tuple[str | int, ...] = tuple(error["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
@@ -516,6 +537,8 @@ def _describe(error: Any, source: str) -> str:
         return f"unknown key {key} ({source}){hint}"
     message = str(error["msg"]).removeprefix("Value error, ")
     shown = repr(value) if not isinstance(value, dict) else "(section)"
+    if _is_secret_key(loc):
+        shown = "(secret, not shown)"
     if loc[:2] == ("agent", "env"):
         # [agent.env] holds secrets: name the variable, never show a value.
         name, sep, rest = message.partition(": ")
@@ -589,6 +612,8 @@ def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, list[tuple
             nested.extend(_sections(annotation, f"{prefix}{name}."))
             continue
         default = info.get_default(call_default_factory=True)
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()  # a default is no secret (it is empty)
         own.append((name, default, info.description or ""))
     result = [(prefix.rstrip("."), own)] if own else []
     return result + nested

@@ -95,6 +95,7 @@ async def cmd_delete(ctx: CommandContext, inv: Invocation) -> None:
 async def cmd_restart(ctx: CommandContext, inv: Invocation) -> None:
     manager = ctx.engine.require_projects()
     project = await ctx.engine.project(inv.args["project"])
+    await manager.require_container(project.name)  # said at once, not as a failed job
 
     async def work(job: JobHandle) -> str:
         await manager.restart(project.name, job)
@@ -117,9 +118,9 @@ async def cmd_rebuild(ctx: CommandContext, inv: Invocation) -> None:
 async def cmd_ssh(ctx: CommandContext, inv: Invocation) -> None:
     manager = ctx.engine.require_projects()
     project = await ctx.engine.project(inv.args["project"])
-    if project.ssh_port is None:
-        raise UserError(f"`{project.name}` has no SSH port yet; it is {project.state}.")
-    await ctx.reply(connection_info(project.name, project.ssh_port, manager.key_path(project.name)))
+    target = await manager.ssh_target(project)
+    await manager.require_container(project.name)
+    await ctx.reply(connection_info(target))
 
 
 async def cmd_logs(ctx: CommandContext, inv: Invocation) -> None:

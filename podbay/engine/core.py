@@ -175,8 +175,8 @@ class Engine:
 
     async def container_logs(self, project: str, lines: int) -> str:
         """The last ``lines`` lines of ``project``'s container log."""
-        manager = self.require_projects()
-        return await manager.docker.logs(manager.container_name(project), lines)
+        # The manager says "container missing, rebuild recreates it" instead of a 404.
+        return await self.require_projects().logs(project, lines)
 
     async def git_summary(self, project: ProjectRow) -> str | None:
         """One line on the project's git state, or None without a provisioner."""

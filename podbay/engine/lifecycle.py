@@ -42,11 +42,16 @@ from podbay.engine.projects import (
     validate_stack,
 )
 from podbay.engine.ssh import (
+    HOST_KEY_MOUNT,
+    HOST_KEY_NAME,
     SSH_USER,
+    SshTarget,
     connection_info,
     generate_keypair,
+    known_hosts_path,
     port_is_free,
     wait_for_port,
+    write_known_hosts,
 )
 from podbay.engine.stacks import (
     ImageSpec,
@@ -163,6 +168,9 @@ class ProjectManager:
         self.cancel_runs = cancel_runs
         self.procs = procs  # records git and ssh-keygen children (None: untracked)
         self._image_lock = asyncio.Lock()
+        # known_hosts is rewritten whole from the store: one writer at a time, so a slow
+        # rewrite can never land after (and undo) a newer one.
+        self._known_hosts_lock = asyncio.Lock()
         # Names reserved by plan() in this process and not yet finished by create() or
         # release(): the reconciler must not take them for leftovers of a crash.
         self._reserved: set[str] = set()
@@ -202,6 +210,55 @@ class ProjectManager:
 
     def key_path(self, project: str) -> Path:
         return self.keys_dir(project) / "id_ed25519"
+
+    def host_key_path(self, project: str) -> Path:
+        """The project's sshd host key: made here, mounted read-only, pinned in known_hosts."""
+        return self.keys_dir(project) / HOST_KEY_NAME
+
+    def host_alias(self, project: str) -> str:
+        """The ssh `Host` (and HostKeyAlias) of a project: its container's name."""
+        return self.container_name(project)
+
+    def known_hosts(self) -> Path:
+        return known_hosts_path(self.settings.data_dir)
+
+    # -- ssh ----------------------------------------------------------------------------
+
+    async def ssh_target(self, row: ProjectRow) -> SshTarget:
+        """How to reach ``row``'s sshd; the host key is pinned when podbay made it."""
+        if row.ssh_port is None:
+            raise UserError(f"`{row.name}` has no SSH port yet; it is {row.state}.")
+        pinned = await asyncio.to_thread(self.host_key_path(row.name).with_suffix(".pub").is_file)
+        return SshTarget(
+            alias=self.host_alias(row.name),
+            port=row.ssh_port,
+            key=self.key_path(row.name),
+            known_hosts=self.known_hosts() if pinned else None,
+        )
+
+    async def sync_known_hosts(self) -> None:
+        """Rewrite podbay's known_hosts from the projects whose host key podbay made."""
+        async with self._known_hosts_lock:
+            rows = await self.store.project_list()
+
+            def write() -> None:
+                entries = []
+                for row in rows:
+                    public = self.host_key_path(row.name).with_suffix(".pub")
+                    with contextlib.suppress(FileNotFoundError):
+                        entries.append((self.host_alias(row.name), public.read_text()))
+                write_known_hosts(self.known_hosts(), entries)
+
+            await asyncio.to_thread(write)
+
+    async def _make_host_key(self, project: str) -> None:
+        path = self.host_key_path(project)
+        await generate_keypair(path, f"podbay-host-{project}", procs=self.procs)
+        if os.getuid() == 0:
+            # sshd runs as the container user and must read its key through the bind mount.
+            uid, gid = dev_ids()
+            os.chown(path, uid, gid, follow_symlinks=False)
+        await self.sync_known_hosts()
 
     def secrets_dir(self, project: str) -> Path:
         return self.settings.data_dir / "secrets" / project
@@ -259,7 +316,7 @@ class ProjectManager:
         self._reserved.discard(name)
         row = await self.store.project_get(name)
         if row is not None and row.state == "creating" and not row.settings.get("created"):
-            await self.store.project_remove(name)
+            await self.store.project_remove(name, port_was_used=False)
 
     def is_reserved(self, project: str) -> bool:
         """True while a plan of this process holds ``project`` (planned, not yet finished)."""
@@ -369,7 +426,8 @@ class ProjectManager:
         auth_file = self.keys_dir(req.name) / "authorized_keys"
         auth_file.write_text(authorized)
         auth_file.chmod(0o644)
-        await job.step("keys", "ed25519 keypair")
+        await self._make_host_key(req.name)
+        await job.step("keys", "ed25519 keypair and host key")
 
         credentials: Path | None = None
         if plan.credential is not None:
@@ -442,7 +500,7 @@ class ProjectManager:
             project=row,
             stack_reason=stack_reason,
             identity_note=identity_note,
-            connection=connection_info(req.name, port, self.key_path(req.name)),
+            connection=connection_info(await self.ssh_target(row)),
             token_note=token_note,
         )
 
@@ -454,6 +512,9 @@ class ProjectManager:
             row.path: ("/workspace", "rw"),
             str(self.keys_dir(row.name) / "authorized_keys"): ("/run/podbay/authorized_keys", "ro"),
         }
+        host_key = self.host_key_path(row.name)
+        if host_key.exists():
+            binds[str(host_key)] = (HOST_KEY_MOUNT, "ro")
         creds = self.secrets_dir(row.name) / "git-credentials"
         if creds.exists():
             binds[str(creds)] = ("/run/podbay/git-credentials", "ro")
@@ -500,12 +561,39 @@ class ProjectManager:
             cancelled = await self.cancel_runs(project)
             await job.step("runs", f"cancelled {cancelled}")
 
+    def _missing(self, project: str) -> UserError:
+        return UserError(
+            f"The container of `{project}` is missing (removed outside podbay?). "
+            f"`rebuild {project}` recreates it with the same source, keys and port."
+        )
+
+    async def require_container(self, project: str) -> ContainerInfo:
+        """The project's container; a UserError saying how to recreate it when it is gone."""
+        info = await self.docker.inspect(self.container_name(project))
+        if info is None:
+            raise self._missing(project)
+        return info
+
+    async def logs(self, project: str, lines: int) -> str:
+        """The last ``lines`` lines of the project's container log."""
+        await self.require_container(project)
+        try:
+            return await self.docker.logs(self.container_name(project), lines)
+        except EngineError:
+            await self.require_container(project)  # gone in between: say so
+            raise
+
     async def restart(self, project: str, job: JobHandle) -> None:
         row = await self._row(project)
         assert row.ssh_port is not None
         await asyncio.to_thread(_check_source, row)
+        await self.require_container(project)
         await self._cancel_runs(project, job)
-        await self.docker.restart(self.container_name(project))
+        try:
+            await self.docker.restart(self.container_name(project))
+        except EngineError:
+            await self.require_container(project)  # gone in between: say so
+            raise
         await self._wait_ready(self.container_name(project), row.ssh_port)
         await job.step("restarted")
 
@@ -520,6 +608,9 @@ class ProjectManager:
         image = await self.ensure_image(row.stack or None, progress)
         changed = image != row.image
         await job.step("image", image)
+        if not await asyncio.to_thread(self.host_key_path(project).exists):
+            # A project from before podbay made host keys: it gets one podbay knows.
+            await self._make_host_key(project)
         await self.docker.remove(self.container_name(project))
         spec = self._container_spec(row, image)
         container_id = await self.docker.create(spec)
@@ -692,6 +783,8 @@ class ProjectManager:
         await asyncio.to_thread(_undo_files, folders, sources, others)
         with contextlib.suppress(Exception):
             await self.store.project_remove(project)
+        with contextlib.suppress(Exception):
+            await self.sync_known_hosts()
 
     async def recover_half_created(self, row: ProjectRow) -> None:
         """Roll back a project left in 'creating' by a crash (or a reservation never used)."""
@@ -715,6 +808,7 @@ class ProjectManager:
             entry = await asyncio.to_thread(self._move_to_trash, project, Path(row.path))
             kept = f"Source moved to the trash as `{entry}` (`podbay trash restore {entry}`)."
         await self.store.project_remove(project)
+        await self.sync_known_hosts()
         await job.step("row", "removed")
         return (
             f"Deleted `{project}`: container, volume, port {row.ssh_port} and keys are gone. {kept}"

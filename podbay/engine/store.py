@@ -863,10 +863,22 @@ class Store:
             raise StoreError(f"project {name} does not exist")
         return row
 
-    async def project_remove(self, name: str) -> bool:
-        """Delete a project (sessions using it fall back to none); False if it did not exist."""
-        async with self._lock:
+    async def project_remove(self, name: str, *, port_was_used: bool = True) -> bool:
+        """Delete a project (sessions using it fall back to none); False if it did not exist.
+
+        Its SSH port is recorded as released (unless ``port_was_used`` is False: a reservation
+        given back before anything listened on it): it is handed out again only when no port
+        that was never used, or that was freed earlier, is left.
+        """
+        async with self._tx():
+            row = await self._project_get(name)
             count, _ = await self._execute("DELETE FROM projects WHERE name = ?", (name,))
+            if port_was_used and row is not None and row.ssh_port is not None:
+                await self._execute(
+                    "INSERT INTO ports_released (port, at) VALUES (?, ?) "
+                    "ON CONFLICT (port) DO UPDATE SET at = excluded.at",
+                    (row.ssh_port, self._clock()),
+                )
         return count > 0
 
     async def project_reserve(
@@ -910,9 +922,19 @@ class Store:
                 )
             used = {int(r["ssh_port"]) for r in rows if r["ssh_port"] is not None}
             low, high = port_range
-            port = next(
-                (p for p in range(low, high + 1) if p not in used and port_is_free(p)), None
+            released = {
+                int(r["port"]): float(r["at"])
+                for r in await self._fetchall(
+                    "SELECT port, at FROM ports_released WHERE port BETWEEN ? AND ?", (low, high)
+                )
+            }
+            # Never-used ports first (in order), then the ones freed longest ago: a client
+            # that still remembers "the project on port N" meets a new project there last.
+            order = sorted(
+                (p for p in range(low, high + 1) if p not in used),
+                key=lambda p: (p in released, released.get(p, 0.0), p),
             )
+            port = next((p for p in order if port_is_free(p)), None)
             if port is None:
                 raise StoreError(
                     f"No free SSH port left in {low}-{high}: delete a project or widen "

@@ -129,7 +129,7 @@ class MatrixTransport:
             device_id=state.get("device_id") or self.config.device_id or None,
             config=AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0),
         )
-        token = state.get("access_token") or self.config.access_token
+        token = state.get("access_token") or self.config.access_token.get_secret_value()
         if token:
             self._client.restore_login(
                 self.config.user_id, state.get("device_id") or self.config.device_id, token
@@ -157,7 +157,9 @@ class MatrixTransport:
         backoff = Backoff(self._backoff.base, self._backoff.cap)
         for attempt in range(1, 6):
             try:
-                response = await self._client.login(self.config.password, device_name="podbay")
+                response = await self._client.login(
+                    self.config.password.get_secret_value(), device_name="podbay"
+                )
             except Exception as exc:
                 if not is_transient(exc) or attempt == 5:
                     raise TransportError(

@@ -43,13 +43,17 @@ def test_console_creates_lists_deletes_and_restores_a_project(
         created = run(env, "chat", stdin="new project clidemo\n")
         assert created.returncode == 0, created.stderr
         assert "clidemo is ready" in created.stdout, created.stdout
-        assert "Host podbay-clidemo" in created.stdout
+        alias = f"{settings.docker.name_prefix}clidemo"
+        assert f"Host {alias}" in created.stdout
 
         status = run(env, "status")
         assert "clidemo · base · running · up " in status.stdout, status.stdout
 
         config_block = run(env, "ssh-config")
-        assert config_block.stdout.startswith("Host podbay-clidemo\n")
+        assert config_block.stdout.startswith(f"Host {alias}\n")
+        known = settings.data_dir / "ssh" / "known_hosts"
+        assert f"  UserKnownHostsFile {known}" in config_block.stdout
+        assert f"{alias} ssh-ed25519 " in known.read_text()
         written = run(env, "ssh-config", "--write")
         assert f"Include {settings.data_dir / 'ssh_config'}" in written.stdout
         assert (settings.data_dir / "ssh_config").read_text() == config_block.stdout

@@ -25,8 +25,13 @@ async def test_new_python_project_gives_unprivileged_ssh_into_the_workspace(
     assert row is not None and row.state == "ready" and row.ssh_port is not None
     key = dh.manager.key_path("demo")
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    assert f"ssh -i {key} -p {row.ssh_port} dev@127.0.0.1" in reply
-    assert "Host podbay-demo" in reply and "VS Code" in reply and "JetBrains" in reply
+    alias = dh.manager.host_alias("demo")
+    known = dh.manager.known_hosts()
+    assert (
+        f"ssh -i {key} -p {row.ssh_port} -o UserKnownHostsFile={known} -o HostKeyAlias={alias} "
+        "dev@127.0.0.1"
+    ) in reply
+    assert f"Host {alias}" in reply and "VS Code" in reply and "JetBrains" in reply
     assert "Zed" in reply and "Neovim" in reply and "Emacs" in reply
 
     result = await asyncio.to_thread(
@@ -262,11 +267,15 @@ async def test_busy_project_refuses_a_second_job(dh: DockerHarness) -> None:
 
 def test_ssh_config_command_prints_a_block_per_project(tmp_path: Path) -> None:
     # Exercised through the CLI in test_cli_containers.py; here the pure renderer.
-    from podbay.engine.ssh import ssh_config_block
+    from podbay.engine.ssh import SshTarget, ssh_config_block
 
-    block = ssh_config_block("demo", 2201, tmp_path / "k")
-    assert block.splitlines()[0] == "Host podbay-demo"
+    block = ssh_config_block(SshTarget("pb-demo", 2201, tmp_path / "k", tmp_path / "kh"))
+    assert block.splitlines()[0] == "Host pb-demo"
     assert "  Port 2201" in block and f"  IdentityFile {tmp_path / 'k'}" in block
+    assert "  HostKeyAlias pb-demo" in block and f"  UserKnownHostsFile {tmp_path / 'kh'}" in block
+    assert "  StrictHostKeyChecking yes" in block
+    spaced = ssh_config_block(SshTarget("pb-demo", 2201, tmp_path / "a b", None))
+    assert '  IdentityFile "' in spaced and "StrictHostKeyChecking accept-new" in spaced
 
 
 async def test_files_created_over_ssh_belong_to_the_configured_uid(dh: DockerHarness) -> None:

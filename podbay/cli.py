@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "init":
         return _init(config_path, force=args.force)
     try:
-        settings, _ = load_settings(config_path, data_dir=getattr(args, "data_dir", None))
+        settings, config_read = load_settings(config_path, data_dir=getattr(args, "data_dir", None))
     except ConfigError as exc:
         print(f"podbay: {exc}", file=sys.stderr)
         if command == "doctor":
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run":
             return asyncio.run(_run(settings))
         if command == "doctor":
-            return asyncio.run(_doctor(settings))
+            return asyncio.run(_doctor(settings, config_read))
         if command == "status":
             return asyncio.run(_status(settings))
         if command == "images":
@@ -399,9 +399,17 @@ def _check_agent(settings: Settings, problems: list[tuple[str, str]], notes: lis
         )
 
 
-async def _doctor(settings: Settings) -> int:
+async def _doctor(settings: Settings, config_read: Path | None = None) -> int:
     problems: list[tuple[str, str]] = []
     notes: list[str] = []
+    if config_read is not None:
+        notes.append(f"config file {config_read}")
+    else:
+        notes.append(
+            f"no config file: built-in defaults and PODBAY_* variables (`podbay init` writes "
+            f"a commented one at {DEFAULT_CONFIG_PATH.expanduser()})"
+        )
+    _check_host_tools(problems, notes)
     data_dir = settings.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -420,8 +428,15 @@ async def _doctor(settings: Settings) -> int:
         try:
             async with await Store.open(database_path(settings)) as store:
                 notes.append(f"database schema v{await store.schema_version()}")
+                registered = await store.ports_in_use()
         except PodbayError as exc:
             problems.append((f"database: {exc}", "move the database aside or upgrade podbay"))
+        else:
+            ports_problem, ports_note = await asyncio.to_thread(_check_ports, settings, registered)
+            if ports_problem:
+                problems.append(ports_problem)
+            if ports_note:
+                notes.append(ports_note)
     docker_problem = await asyncio.to_thread(_check_docker)
     if docker_problem:
         problems.append(docker_problem)
@@ -432,6 +447,11 @@ async def _doctor(settings: Settings) -> int:
             problems.append(cpus_problem)
         if cpus_note:
             notes.append(cpus_note)
+        image_problem, image_note = await asyncio.to_thread(_check_base_image, settings)
+        if image_problem:
+            problems.append(image_problem)
+        if image_note:
+            notes.append(image_note)
     _check_agent(settings, problems, notes)
     if settings.transports.matrix.enabled:
         matrix_problem = await _check_matrix(settings)
@@ -509,6 +529,94 @@ async def _check_matrix(settings: Settings) -> tuple[str, str] | None:
             "check `transports.matrix.homeserver` and the network",
         )
     return None
+
+
+# Host programs podbay runs itself, and why (for the doctor's line when one is missing).
+_HOST_TOOLS = (
+    ("git", "`--git` clones and the project summaries", "install git (e.g. `apt-get install git`)"),
+    (
+        "ssh-keygen",
+        "each project's SSH keys",
+        "install openssh-client (e.g. `apt-get install openssh-client`)",
+    ),
+    (
+        "ssh",
+        "the printed `ssh` command you log in with",
+        "install openssh-client (e.g. `apt-get install openssh-client`)",
+    ),
+)
+
+
+def _check_host_tools(problems: list[tuple[str, str]], notes: list[str]) -> None:
+    missing = [(tool, why, fix) for tool, why, fix in _HOST_TOOLS if shutil.which(tool) is None]
+    for tool, why, fix in missing:
+        problems.append((f"`{tool}` is not on PATH; podbay needs it for {why}", fix))
+    if not missing:
+        notes.append("git, ssh and ssh-keygen found")
+
+
+def _check_ports(settings: Settings, registered: set[int]) -> tuple[tuple[str, str] | None, str]:
+    """Ports of ``projects.ssh_port_range`` neither given to a project nor bound on this host."""
+    from podbay.engine.ssh import port_is_free
+
+    low, high = settings.projects.ssh_port_range
+    total = high - low + 1
+    free = sum(1 for port in range(low, high + 1) if port not in registered and port_is_free(port))
+    if free == 0:
+        return (
+            f"no free SSH port left in projects.ssh_port_range {low}-{high} "
+            f"({len(registered & set(range(low, high + 1)))} given to projects, the rest in "
+            "use on this host): `new project` would fail",
+            "widen `projects.ssh_port_range` in the config, or delete a project you no longer need",
+        ), ""
+    return None, f"SSH ports {low}-{high}: {free} of {total} free"
+
+
+def _check_base_image(settings: Settings) -> tuple[tuple[str, str] | None, str]:
+    """podbay-base for this config: present, or buildable from its FROM image."""
+    from docker.client import DockerClient
+    from docker.errors import ImageNotFound
+
+    from podbay.engine.stacks import base_image_spec, dev_ids
+
+    cfg = settings.docker
+    uid, gid = dev_ids()
+    try:
+        spec = base_image_spec(cfg.base_image, uid, gid, cfg.extra_ca_certs)
+    except OSError as exc:
+        return (
+            f"cannot read a file of `docker.extra_ca_certs`: {exc.filename}: {exc.strerror}",
+            "fix the path in `docker.extra_ca_certs`",
+        ), ""
+    try:
+        client = DockerClient.from_env(timeout=10)
+        try:
+
+            def exists(name: str) -> bool:
+                try:
+                    client.images.get(name)
+                except ImageNotFound:
+                    return False
+                return True
+
+            if exists(spec.tag):
+                return None, f"base image {spec.tag} present"
+            if exists(cfg.base_image):
+                return None, (
+                    f"base image {spec.tag} is built on the first `new project` from "
+                    f"{cfg.base_image} (present)"
+                )
+        finally:
+            client.close()
+    except Exception:
+        return None, ""  # _check_docker already reports an unreachable engine
+    return (
+        f"podbay-base cannot be built: its FROM image {cfg.base_image} "
+        "(`docker.base_image`) is not in the Docker engine",
+        "run ./scripts/ensure-docker (it builds debian:bookworm-slim offline with "
+        f"debootstrap), `docker pull {cfg.base_image}`, or set `docker.base_image` to an "
+        "image you have",
+    ), ""
 
 
 def _check_cpus(settings: Settings) -> tuple[tuple[str, str] | None, str]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +78,119 @@ def test_every_secret_looking_config_key_is_a_secretstr() -> None:
     secretish = re.compile(r"password|token|secret|api_key|(^|\.)key$")
     plain = [k for k, a in walk(Settings, "") if secretish.search(k) and "SecretStr" not in str(a)]
     assert plain == []
+
+
+# -- doctor ---------------------------------------------------------------------------------
+
+
+def run_doctor(
+    tmp_path: Path, config: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    full["HOME"] = str(tmp_path / "home")
+    full["PODBAY_DATA_DIR"] = str(tmp_path / "data")
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    full["PODBAY_CONFIG"] = str(path)
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "podbay", "doctor"],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=120,
+        check=False,
+    )
+
+
+def docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception:
+        return False
+    return True
+
+
+def test_doctor_names_the_config_file_it_read(tmp_path: Path) -> None:
+    result = run_doctor(tmp_path, "[bot]\nname = 'podbay'\n")
+    assert f"ok: config file {tmp_path / 'config.toml'}" in result.stdout
+
+
+def test_doctor_says_when_no_config_file_was_read(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_")}
+    env.update(HOME=str(tmp_path / "home"), PODBAY_DATA_DIR=str(tmp_path / "data"))
+    result = subprocess.run(
+        [sys.executable, "-m", "podbay", "doctor"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert "ok: no config file: built-in defaults" in result.stdout
+    assert "podbay init" in result.stdout
+
+
+def test_doctor_reports_missing_host_tools_each_with_a_fix(tmp_path: Path) -> None:
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    result = run_doctor(tmp_path, env={"PATH": str(empty_bin)})
+    assert result.returncode == 1
+    out = result.stdout
+    for tool, why in (("git", "clones"), ("ssh-keygen", "keys"), ("ssh", "log in")):
+        assert f"problem: `{tool}` is not on PATH" in out, tool
+        assert why in out
+    assert out.count("fix: install openssh-client") == 2
+    assert "fix: install git" in out
+
+
+def test_doctor_finds_the_host_tools_it_needs(tmp_path: Path) -> None:
+    if not all(shutil.which(t) for t in ("git", "ssh", "ssh-keygen")):
+        pytest.skip("needs git and openssh-client")
+    result = run_doctor(tmp_path)
+    assert "ok: git, ssh and ssh-keygen found" in result.stdout
+
+
+@pytest.mark.skipif(not docker_answers(), reason="needs a Docker engine")
+def test_doctor_reports_a_base_image_that_can_neither_be_found_nor_built(tmp_path: Path) -> None:
+    result = run_doctor(tmp_path, '[docker]\nbase_image = "podbay-test-no-such-image:1"\n')
+    assert result.returncode == 1
+    out = result.stdout
+    assert "problem: podbay-base cannot be built: its FROM image podbay-test-no-such-image:1" in out
+    assert "fix: run ./scripts/ensure-docker" in out
+
+
+@pytest.mark.skipif(not docker_answers(), reason="needs a Docker engine")
+def test_doctor_says_the_base_image_is_present_or_buildable(tmp_path: Path) -> None:
+    result = run_doctor(tmp_path)
+    out = result.stdout
+    assert "ok: base image podbay-base:" in out
+    assert ("present" in out) or ("built on the first `new project` from" in out)
+
+
+def test_doctor_reports_an_ssh_port_range_with_no_free_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_doctor(tmp_path, f"[projects]\nssh_port_range = [{port}, {port}]\n")
+    assert result.returncode == 1
+    out = result.stdout
+    assert f"problem: no free SSH port left in projects.ssh_port_range {port}-{port}" in out
+    assert "fix: widen `projects.ssh_port_range`" in out
+
+
+def test_doctor_counts_the_free_ssh_ports(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    low, high = port, port + 4
+    result = run_doctor(tmp_path, f"[projects]\nssh_port_range = [{low}, {high}]\n")
+    assert f"ok: SSH ports {low}-{high}: " in result.stdout
+    assert " of 5 free" in result.stdout

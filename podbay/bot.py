@@ -29,6 +29,7 @@ from podbay.transports.base import Transport
 log = logging.getLogger(__name__)
 
 DB_NAME = "podbay.db"
+_SECOND_SAMPLE_S = 5.0  # after start-up, the first CPU figure needs a second stats sample
 
 
 def database_path(settings: Settings) -> Path:
@@ -141,17 +142,25 @@ class Podbay:
         # The first pass completes before any message is handled: a project half-created
         # before a crash is rolled back before anyone can use its name or port again.
         await attempt("reconcile", reconciler.run_once)
-        await attempt("stats sampling", manager.sample_stats)
+
+        async def sample_stats() -> None:
+            # Bounded so a slow engine never lets cycles pile up behind each other.
+            await manager.sample_stats(timeout_s=min(10.0, docker_cfg.stats_interval_s))
+
+        async def sample_forever() -> None:
+            # Nothing waits for stats: the first sample is taken here in the background, and
+            # a second soon after, since CPU use is the change between two samples.
+            await attempt("stats sampling", sample_stats)
+            await asyncio.sleep(min(_SECOND_SAMPLE_S, docker_cfg.stats_interval_s))
+            await attempt("stats sampling", sample_stats)
+            await every(docker_cfg.stats_interval_s, "stats sampling", sample_stats)
 
         self._background = [
             asyncio.create_task(
                 every(docker_cfg.reconcile_interval_s, "reconcile", reconciler.run_once),
                 name="reconcile",
             ),
-            asyncio.create_task(
-                every(docker_cfg.stats_interval_s, "stats sampling", manager.sample_stats),
-                name="stats",
-            ),
+            asyncio.create_task(sample_forever(), name="stats"),
         ]
 
     async def stop(self) -> None:

@@ -44,7 +44,10 @@ def _project_line(report: StatusReport, project: ProjectRow, now: float) -> str:
         parts.append(f"ssh {project.ssh_port}")
     stats = report.stats.get(project.name)
     if stats is not None and container is not None and container.state == "running":
-        parts.append(f"cpu {stats.cpu_percent:.0f}% mem {_size(stats.memory_bytes)}")
+        cpu = "" if stats.cpu_percent is None else f"cpu {stats.cpu_percent:.0f}% "
+        # Figures come from a background sample: their age says how current they are.
+        age = _age(now - stats.sampled_at)
+        parts.append(f"{cpu}mem {_size(stats.memory_bytes)} (sampled {age} ago)")
     return " · ".join(parts)
 
 

@@ -507,24 +507,68 @@ class DockerProvisioner:
             f"finding the processes of run {tag} in {name} failed (exit {result.exit_code})"
         )
 
-    async def stats(self, name: str) -> tuple[float, int, int]:
-        """(CPU percent, memory bytes, memory limit) from one non-streaming sample."""
+    async def stats(self, name: str) -> StatsSample:
+        """One sample of the container's CPU counters and memory.
 
-        def run() -> tuple[float, int, int]:
-            s = self._docker().api.stats(name, stream=False)
-            cpu = s.get("cpu_stats", {})
-            pre = s.get("precpu_stats", {})
-            delta = cpu.get("cpu_usage", {}).get("total_usage", 0) - pre.get("cpu_usage", {}).get(
-                "total_usage", 0
+        One-shot where the engine offers it (API 1.41+): the reply comes at once instead of
+        after the engine's 1-2 s priming read, so CPU use is left to the caller to work out
+        from two samples. Older engines prime, and their CPU percent comes with the sample.
+        """
+
+        def run() -> StatsSample:
+            from docker.errors import InvalidVersion
+
+            api = self._docker().api
+            try:
+                s = api.stats(name, stream=False, one_shot=True)
+            except InvalidVersion:
+                s = api.stats(name, stream=False)
+            cpu = s.get("cpu_stats") or {}
+            pre = s.get("precpu_stats") or {}
+            total = int((cpu.get("cpu_usage") or {}).get("total_usage") or 0)
+            system = int(cpu.get("system_cpu_usage") or 0)
+            cpus = int(cpu.get("online_cpus") or 1)
+            percent: float | None = None
+            pre_system = int(pre.get("system_cpu_usage") or 0)
+            if pre_system:
+                pre_total = int((pre.get("cpu_usage") or {}).get("total_usage") or 0)
+                percent = cpu_percent(pre_total, pre_system, total, system, cpus)
+            memory = s.get("memory_stats") or {}
+            return StatsSample(
+                cpu_total_ns=total,
+                system_cpu_ns=system,
+                online_cpus=cpus,
+                memory_bytes=int(memory.get("usage") or 0),
+                memory_limit=int(memory.get("limit") or 0),
+                cpu_percent=percent,
             )
-            system = cpu.get("system_cpu_usage", 0) - pre.get("system_cpu_usage", 0)
-            cpus = cpu.get("online_cpus") or 1
-            percent = (delta / system) * cpus * 100 if system > 0 and delta > 0 else 0.0
-            memory = s.get("memory_stats", {})
-            return percent, int(memory.get("usage", 0)), int(memory.get("limit", 0))
 
-        result = await self._call("stats", run)
-        return (float(result[0]), int(result[1]), int(result[2]))
+        sample: StatsSample = await self._call("stats", run)
+        return sample
+
+
+@dataclass(frozen=True)
+class StatsSample:
+    """Raw figures of one stats read; ``cpu_percent`` only when the engine primed it."""
+
+    cpu_total_ns: int
+    system_cpu_ns: int
+    online_cpus: int
+    memory_bytes: int
+    memory_limit: int
+    cpu_percent: float | None = None
+
+
+def cpu_percent(
+    total_before: int, system_before: int, total_after: int, system_after: int, cpus: int
+) -> float | None:
+    """CPU use between two reads of the counters, as ``docker stats`` shows it (100 per CPU);
+    None when the counters went backwards (a restarted container) or did not move."""
+    delta = total_after - total_before
+    system = system_after - system_before
+    if system <= 0 or delta < 0:
+        return None
+    return delta / system * max(1, cpus) * 100
 
 
 # -- streaming exec -----------------------------------------------------------------

@@ -30,7 +30,13 @@ from typing import Any
 
 from podbay.config import Settings
 from podbay.engine import git
-from podbay.engine.docker import ContainerInfo, ContainerSpec, DockerProvisioner
+from podbay.engine.docker import (
+    ContainerInfo,
+    ContainerSpec,
+    DockerProvisioner,
+    StatsSample,
+    cpu_percent,
+)
 from podbay.engine.jobs import JobHandle
 from podbay.engine.procs import ProcessTracker
 from podbay.engine.projects import (
@@ -108,7 +114,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class ContainerStats:
-    cpu_percent: float
+    cpu_percent: float | None  # None until two samples of the same container exist
     memory_bytes: int
     memory_limit: int
     sampled_at: float
@@ -177,22 +183,56 @@ class ProjectManager:
         self._engine_cpus: int | None = None
         # Filled in the background by sample_stats(); status never waits on docker stats.
         self.stats_cache: dict[str, ContainerStats] = {}
+        # The last raw read per project (with its container id): CPU use is a difference.
+        self._stats_raw: dict[str, tuple[str, StatsSample]] = {}
 
     async def managed_containers(self) -> list[ContainerInfo]:
         """This podbay's containers (one engine call)."""
         return [c for c in await self.docker.list_managed() if c.instance == self.instance]
 
-    async def sample_stats(self) -> None:
-        """Refresh CPU and memory of every running project container."""
+    async def sample_stats(self, *, timeout_s: float = 10.0, concurrency: int = 8) -> None:
+        """Refresh CPU and memory of every running project container.
+
+        The containers are read concurrently (at most ``concurrency`` engine calls at once,
+        each a thread) and the whole cycle ends within ``timeout_s``: a container whose
+        figures are late keeps its previous sample, whose age status shows. CPU use is the
+        change between this sample and the previous one of the same container.
+        """
         running = [c for c in await self.managed_containers() if c.state == "running"]
-        fresh: dict[str, ContainerStats] = {}
-        for info in running:
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(info: ContainerInfo) -> tuple[ContainerInfo, StatsSample | None]:
             try:
-                cpu, memory, limit = await self.docker.stats(info.name)
-            except EngineError:
+                async with asyncio.timeout(timeout_s), limit:
+                    return info, await self.docker.stats(info.name)
+            except (EngineError, TimeoutError):
+                return info, None
+
+        sampled = await asyncio.gather(*(one(info) for info in running))
+        now = time.time()
+        previous, raw = self.stats_cache, self._stats_raw
+        fresh: dict[str, ContainerStats] = {}
+        fresh_raw: dict[str, tuple[str, StatsSample]] = {}
+        for info, sample in sampled:
+            if sample is None:
+                if info.project in previous:
+                    fresh[info.project] = previous[info.project]
+                if info.project in raw:
+                    fresh_raw[info.project] = raw[info.project]
                 continue
-            fresh[info.project] = ContainerStats(cpu, memory, limit, time.time())
-        self.stats_cache = fresh
+            cpu = sample.cpu_percent
+            before = raw.get(info.project)
+            if cpu is None and before is not None and before[0] == info.id:
+                cpu = cpu_percent(
+                    before[1].cpu_total_ns,
+                    before[1].system_cpu_ns,
+                    sample.cpu_total_ns,
+                    sample.system_cpu_ns,
+                    sample.online_cpus,
+                )
+            fresh[info.project] = ContainerStats(cpu, sample.memory_bytes, sample.memory_limit, now)
+            fresh_raw[info.project] = (info.id, sample)
+        self.stats_cache, self._stats_raw = fresh, fresh_raw
 
     # -- names and places -------------------------------------------------------------
 

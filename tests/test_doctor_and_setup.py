@@ -15,6 +15,13 @@ from fakes.harness import Harness
 from pydantic import BaseModel, SecretStr
 
 from podbay.config import load_settings
+from podbay.engine.stacks import (
+    base_image_spec,
+    debian_mirror,
+    discover_stacks,
+    host_debian_mirrors,
+    stack_image_spec,
+)
 from podbay.errors import ConfigError
 
 
@@ -194,3 +201,138 @@ def test_doctor_counts_the_free_ssh_ports(tmp_path: Path) -> None:
     result = run_doctor(tmp_path, f"[projects]\nssh_port_range = [{low}, {high}]\n")
     assert f"ok: SSH ports {low}-{high}: " in result.stdout
     assert " of 5 free" in result.stdout
+
+
+# -- Debian mirror ----------------------------------------------------------------------------
+
+DEB822 = """\
+Types: deb
+# a comment
+URIs: http://mirror.example.test/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example.test/debian-security
+Suites: bookworm-security
+Components: main
+"""
+
+ONE_LINE = """\
+# deb http://commented.example.test/debian bookworm main
+deb-src http://src.example.test/debian bookworm main
+deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] http://list.example.test/debian bookworm main
+deb http://list.example.test/debian-security bookworm-security main
+"""
+
+
+def apt_etc(tmp_path: Path, sources: str | None = None, sources_list: str | None = None) -> Path:
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    if sources is not None:
+        (etc / "sources.list.d" / "debian.sources").write_text(sources)
+    if sources_list is not None:
+        (etc / "sources.list").write_text(sources_list)
+    return etc
+
+
+def print_mirror(etc: Path, env: dict[str, str] | None = None) -> list[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PODBAY_DEBIAN")}
+    full.update(PODBAY_APT_ETC=str(etc), **(env or {}))
+    result = subprocess.run(
+        [str(PROJECT_ROOT / "scripts" / "ensure-docker"), "--print-mirror"],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_mirror_comes_from_the_hosts_deb822_sources(tmp_path: Path) -> None:
+    etc = apt_etc(tmp_path, sources=DEB822)
+    assert host_debian_mirrors(etc) == (
+        "http://mirror.example.test/debian",
+        "http://mirror.example.test/debian-security",
+    )
+    assert print_mirror(etc) == [
+        "http://mirror.example.test/debian",
+        "http://mirror.example.test/debian-security",
+    ]
+
+
+def test_the_mirror_comes_from_a_one_line_sources_list(tmp_path: Path) -> None:
+    etc = apt_etc(tmp_path, sources_list=ONE_LINE)
+    expected = ("http://list.example.test/debian", "http://list.example.test/debian-security")
+    assert host_debian_mirrors(etc) == expected
+    assert print_mirror(etc) == list(expected)
+
+
+def test_the_environment_overrides_the_hosts_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = apt_etc(tmp_path, sources=DEB822)
+    env = {"PODBAY_DEBIAN_MIRROR": "http://env.example.test/debian"}
+    assert print_mirror(etc, env)[0] == "http://env.example.test/debian"
+    monkeypatch.setenv("PODBAY_DEBIAN_MIRROR", "http://env.example.test/debian")
+    assert debian_mirror(etc) == "http://env.example.test/debian"
+
+
+def test_a_host_without_debian_sources_has_no_mirror(tmp_path: Path) -> None:
+    ubuntu = "deb http://ubuntu.example.test/ubuntu noble main\n"
+    etc = apt_etc(tmp_path, sources_list=ubuntu)
+    assert host_debian_mirrors(etc) == ("", "")
+    assert print_mirror(etc) == ["", ""]
+
+
+def test_the_go_stack_gets_the_mirror_as_a_build_argument(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PODBAY_DEBIAN_MIRROR", "http://env.example.test/debian")
+    stacks = discover_stacks()
+    base = base_image_spec("debian:bookworm-slim", 1000, 1000)
+    go = stack_image_spec(base, stacks["go"])
+    assert go.buildargs["DEBIAN_MIRROR"] == "http://env.example.test/debian"
+    monkeypatch.setenv("PODBAY_DEBIAN_MIRROR", "http://other.example.test/debian")
+    assert stack_image_spec(base, stacks["go"]).tag != go.tag, "the mirror is an image input"
+    # Stacks that do not declare the argument keep their tags.
+    python = stack_image_spec(base, stacks["python"])
+    assert "DEBIAN_MIRROR" not in python.buildargs
+    assert "DEBIAN_MIRROR" not in base.buildargs
+
+
+REGISTRY_HOSTS = (
+    "deb.debian.org",
+    "security.debian.org",
+    "ftp.debian.org",
+    "registry.npmjs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "registry-1.docker.io",
+    "index.docker.io",
+    "archive.ubuntu.com",
+)
+
+
+def test_no_registry_host_is_hard_coded_in_the_repository() -> None:
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    me = Path(__file__).resolve()
+    found = []
+    for name in listed:
+        path = PROJECT_ROOT / name
+        if path.resolve() == me or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [f"{name}: {host}" for host in REGISTRY_HOSTS if host in text]
+    assert found == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -158,18 +159,100 @@ def base_image_spec(
 
 
 def stack_image_spec(base: ImageSpec, stack: Stack) -> ImageSpec:
+    fragment = stack.fragment
     dockerfile = (
         "ARG PODBAY_BASE\nFROM ${PODBAY_BASE}\nUSER root\n"
-        f"{stack.fragment.rstrip()}\n"
+        f"{fragment.rstrip()}\n"
         "USER dev\nWORKDIR /workspace\n"
     )
+    buildargs = {"PODBAY_BASE": base.tag}
+    # Only a fragment that asks for it gets the mirror: the others' tags stay the same
+    # from one machine to the next.
+    if _DECLARES_MIRROR.search(fragment):
+        buildargs["DEBIAN_MIRROR"] = debian_mirror()
     return ImageSpec(
         repository=f"podbay-{stack.name}",
         dockerfile=dockerfile,
         context=stack.folder,
-        buildargs={"PODBAY_BASE": base.tag},
+        buildargs=buildargs,
         files=_context_files(stack.folder),
     )
+
+
+_DECLARES_MIRROR = re.compile(r"^\s*ARG\s+DEBIAN_MIRROR\b", re.MULTILINE)
+# Debian's suite names (codenames and aliases): a host's Ubuntu or other sources are no
+# mirror for a Debian image.
+_DEBIAN_SUITES = frozenset(
+    [
+        "buster",
+        "bullseye",
+        "bookworm",
+        "trixie",
+        "forky",
+        "duke",
+        "sid",
+        "stable",
+        "testing",
+        "unstable",
+        "oldstable",
+        "oldoldstable",
+    ]
+)
+
+
+def debian_mirror(apt_etc: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror for image builds: ``$PODBAY_DEBIAN_MIRROR``, else the host's apt
+    sources' (empty when the host has none). No mirror is hard-coded anywhere."""
+    return os.environ.get("PODBAY_DEBIAN_MIRROR") or host_debian_mirrors(apt_etc)[0]
+
+
+def host_debian_mirrors(apt_etc: Path = Path("/etc/apt")) -> tuple[str, str]:
+    """(main, security) Debian mirror URLs in ``apt_etc``'s sources, "" for one not found.
+
+    Reads ``sources.list.d/*.sources`` (deb822) and then ``sources.list`` and
+    ``sources.list.d/*.list`` (one-line form), like apt; the first ``deb`` entry for a Debian
+    suite wins. ``scripts/ensure-docker --print-mirror`` does the same in shell.
+    """
+    entries: list[tuple[str, list[str]]] = []  # (uri, suites) of each deb entry, in order
+    parts = apt_etc / "sources.list.d"
+    for path in sorted(parts.glob("*.sources")) if parts.is_dir() else []:
+        for paragraph in re.split(r"\n\s*\n", _read(path)):
+            fields: dict[str, str] = {}
+            for line in paragraph.splitlines():
+                key, colon, value = line.partition(":")
+                if colon and not line.startswith(("#", " ", "\t")):
+                    fields[key.strip().lower()] = value.strip()
+            if "deb" not in fields.get("types", "").split():
+                continue
+            if fields.get("enabled", "yes").lower() == "no":
+                continue
+            suites = fields.get("suites", "").split()
+            entries += [(uri, suites) for uri in fields.get("uris", "").split()]
+    lists = [apt_etc / "sources.list"]
+    lists += sorted(parts.glob("*.list")) if parts.is_dir() else []
+    for path in lists:
+        for line in _read(path).splitlines():
+            words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], [words[2]]))
+    main = security = ""
+    for uri, suites in entries:
+        for suite in suites:
+            codename, _, kind = suite.partition("-")
+            if codename not in _DEBIAN_SUITES:
+                continue
+            if kind == "security" and not security:
+                security = uri
+            elif kind != "security" and not main:
+                main = uri
+    return main, security
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def dev_ids() -> tuple[int, int]:

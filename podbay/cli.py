@@ -240,8 +240,15 @@ async def _status(settings: Settings) -> int:
         return 0
     provisioner = DockerProvisioner()
     try:
-        async with await Store.open(path) as store:
+        # Read-only: status only looks, so it neither migrates nor waits on the running
+        # podbay's write lock.
+        async with await Store.open(path, read_only=True) as store:
             engine = Engine(store, settings, provisioner=provisioner)
+            if engine.projects is not None:
+                # This process has no background sampler; one-shot reads are quick, and a
+                # slow engine costs at most the timeout (status then shows no figures).
+                with contextlib.suppress(PodbayError):
+                    await engine.projects.sample_stats(timeout_s=5.0)
             report = await engine.status()
     finally:
         await provisioner.close()

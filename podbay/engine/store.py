@@ -460,6 +460,11 @@ def _project_integrity(exc: sqlite3.IntegrityError, name: str, port: int | None)
     return StoreError(f"cannot store project {name}: {text}")
 
 
+def _read_only_uri(path: str | Path) -> str:
+    """``file:`` URI of ``path`` opened with SQLite's mode=ro (never creates the file)."""
+    return Path(path).absolute().as_uri() + "?mode=ro"
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -470,27 +475,47 @@ class Store:
         self._db = db
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._read_only = False  # set by open(read_only=True): every write is refused
 
     # ---------------------------------------------------------------- lifecycle
 
     @classmethod
-    async def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time) -> Store:
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
+    ) -> Store:
         """Open (creating if needed) the database at ``path`` and bring its schema up to date.
 
-        ``":memory:"`` gives a private in-memory database.
+        ``":memory:"`` gives a private in-memory database. ``read_only`` (for commands that
+        only look, like ``podbay status``) opens an existing file with SQLite's ``mode=ro``:
+        no write transaction, no migration, so it never waits on a running podbay's writes;
+        a schema other than the one this podbay knows is refused instead of migrated.
         """
         memory = str(path) == ":memory:"
-        if not memory:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            # isolation_level=None: sqlite3 must not open transactions behind our back; _tx
-            # issues BEGIN IMMEDIATE / COMMIT itself.
-            db = await aiosqlite.connect(str(path), isolation_level=None)
+            if read_only:
+                if memory:
+                    raise StoreError("an in-memory database cannot be opened read-only")
+                db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
+            else:
+                if not memory:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: sqlite3 must not open transactions behind our back;
+                # _tx issues BEGIN IMMEDIATE / COMMIT itself.
+                db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         db.row_factory = sqlite3.Row
         store = cls(db, clock)
+        store._read_only = read_only
         try:
+            if read_only:
+                await store._execute("PRAGMA busy_timeout=5000")
+                await store._check_schema()
+                return store
             if not memory:
                 await store._execute("PRAGMA journal_mode=WAL")
             # foreign_keys is a no-op inside a transaction, so it must be set here, up front.
@@ -505,6 +530,24 @@ class Store:
                 raise StoreError(f"database {path} is unusable: {exc}") from exc
             raise
         return store
+
+    async def _check_schema(self) -> None:
+        """For a read-only open: the schema must be exactly the one this podbay knows."""
+        try:
+            current = await self.schema_version()
+        except sqlite3.OperationalError:
+            current = 0  # no schema_migrations table: nothing was ever migrated
+        known = len(MIGRATIONS)
+        if current > known:
+            raise StoreError(
+                f"database schema version {current} is newer than this podbay"
+                f" (knows {known}); upgrade podbay"
+            )
+        if current < known:
+            raise StoreError(
+                f"database schema version {current} is older than this podbay (knows {known});"
+                " start `podbay run` or `podbay chat` once to upgrade it"
+            )
 
     async def close(self) -> None:
         """Close the connection. Safe to call twice."""
@@ -544,6 +587,8 @@ class Store:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[None]:
         """Hold the lock for one BEGIN IMMEDIATE ... COMMIT; roll back on any exception."""
+        if self._read_only:
+            raise StoreError("the database was opened read-only; this command cannot change it")
         async with self._lock:
             # IMMEDIATE takes the write lock up front, so a read-modify-write cannot fail
             # half-way with SQLITE_BUSY when another process writes too.

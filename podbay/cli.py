@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -18,7 +19,13 @@ from pathlib import Path
 from podbay import __version__
 from podbay.bot import Podbay, database_path
 from podbay.commands.status import render_status
-from podbay.config import DEFAULT_CONFIG_PATH, Settings, default_config_toml, load_settings
+from podbay.config import (
+    DEFAULT_CONFIG_PATH,
+    LogConfig,
+    Settings,
+    default_config_toml,
+    load_settings,
+)
 from podbay.engine.core import Engine
 from podbay.engine.docker import DockerProvisioner
 from podbay.engine.lifecycle import ProjectManager
@@ -93,19 +100,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbosity: int, data_dir: Path | None) -> None:
+class _LibraryFilter(logging.Filter):
+    """Passes podbay's own records, and other libraries' from ``level`` up.
+
+    A filter as well as the root level: a library that sets its own logger's level (or a
+    child logger's) would otherwise still reach the log file at INFO.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name == "podbay" or record.name.startswith("podbay.")
+        return own or record.levelno >= self.level
+
+
+def _setup_logging(verbosity: int, data_dir: Path | None, config: LogConfig | None = None) -> None:
+    """stderr gets warnings (-v: info, -vv: debug); <data dir>/podbay.log gets podbay's INFO
+    and other libraries' ``log.libraries_level`` and up, rotated at ``log.max_bytes``."""
+    config = config or LogConfig()
     level = logging.WARNING - 10 * min(verbosity, 2)
+    # -vv asks for everything, the libraries' debug output included.
+    libraries = logging.DEBUG if verbosity >= 2 else logging.getLevelName(config.libraries_level)
+    own = min(level, logging.INFO) if data_dir else level
     root = logging.getLogger()
-    root.setLevel(min(level, logging.INFO) if data_dir else level)
+    root.setLevel(min(own, libraries))
+    logging.getLogger("podbay").setLevel(own)
+    only = _LibraryFilter(libraries)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level)
+    stderr.addFilter(only)
     stderr.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(stderr)
     if data_dir is not None:
         with contextlib.suppress(OSError):
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            file_handler = logging.FileHandler(data_dir / "podbay.log", encoding="utf-8")
+            # delay: a command that logs nothing (status) neither creates nor touches it.
+            file_handler = logging.handlers.RotatingFileHandler(
+                data_dir / "podbay.log",
+                maxBytes=config.max_bytes,
+                backupCount=config.backups,
+                encoding="utf-8",
+                delay=True,
+            )
             file_handler.setLevel(logging.INFO)
+            file_handler.addFilter(only)
             file_handler.setFormatter(
                 RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
             )
@@ -125,7 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "doctor":
             print("fix: edit the config file (or the PODBAY_* variable) named above.")
         return 2
-    _setup_logging(getattr(args, "verbose", 0), settings.data_dir if command != "doctor" else None)
+    _setup_logging(
+        getattr(args, "verbose", 0),
+        settings.data_dir if command != "doctor" else None,
+        settings.log,
+    )
     try:
         if command == "chat":
             return asyncio.run(_chat(settings))

@@ -450,6 +450,22 @@ class MatrixTransportConfig(_Section):
         return self
 
 
+_LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class LogConfig(_Section):
+    max_bytes: int = Field(
+        10_000_000, ge=1024, description="<data dir>/podbay.log is rotated at this size."
+    )
+    backups: int = Field(
+        3, ge=0, description="Rotated logs kept (podbay.log.1 …); 0 truncates instead."
+    )
+    libraries_level: _LogLevel = Field(
+        "WARNING",
+        description="Lowest level logged from other libraries (nio, aiosqlite, docker …).",
+    )
+
+
 class TransportsConfig(_Section):
     console: ConsoleTransportConfig = Field(default_factory=ConsoleTransportConfig)
     matrix: MatrixTransportConfig = Field(default_factory=MatrixTransportConfig)
@@ -477,6 +493,7 @@ class Settings(BaseSettings):
     docker: DockerConfig = Field(default_factory=DockerConfig)
     ssh: SshConfig = Field(default_factory=SshConfig)
     git: GitConfig = Field(default_factory=GitConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     transports: TransportsConfig = Field(default_factory=TransportsConfig)
 
     @classmethod

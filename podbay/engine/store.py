@@ -499,6 +499,10 @@ class Store:
             if read_only:
                 if memory:
                     raise StoreError("an in-memory database cannot be opened read-only")
+                # Checked first: a failed aiosqlite connect leaves its worker thread to report
+                # to a loop that may be gone by then.
+                if not await asyncio.to_thread(Path(path).is_file):
+                    raise StoreError(f"cannot open database {path}: no such file")
                 db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
             else:
                 if not memory:

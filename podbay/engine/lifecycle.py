@@ -157,6 +157,14 @@ class SourceChanged(UserError):
     """The source folder is no longer the one ``plan`` checked (e.g. a symlink now)."""
 
 
+class SourceNotEmpty(UserError):
+    """The source folder exists and holds files: podbay never takes over such a folder."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} already exists and is not an empty directory.")
+        self.path = path
+
+
 class ProjectManager:
     def __init__(
         self,
@@ -328,7 +336,10 @@ class ProjectManager:
             )
         if request.token:
             credential = ("oauth2", request.token)
-        path, existed, identity = await asyncio.to_thread(self._resolve_path, request)
+        try:
+            path, existed, identity = await asyncio.to_thread(self._resolve_path, request)
+        except SourceNotEmpty as exc:
+            raise await self._not_empty(request, exc.path) from None
         cpus, memory, notes = await self._limits(request)
         try:
             row = await self.store.project_reserve(
@@ -347,6 +358,27 @@ class ProjectManager:
         assert row.ssh_port is not None
         clean = replace(request, git_url=url, token=None)
         return Plan(clean, path, cpus, memory, row.ssh_port, existed, identity, notes, credential)
+
+    async def _not_empty(self, request: NewProjectRequest, path: Path) -> UserError:
+        """The refusal of a folder that holds files, with the next step."""
+        # Another project's source (or a folder inside it) is the more useful thing to say.
+        conflict = await self.store.project_source_conflict(request.name, path)
+        if conflict is not None:
+            return UserError(conflict)
+        name = request.name
+        kept = ""
+        if request.path is None:
+            kept = (
+                f" It is probably the source kept when a project `{name}` was deleted "
+                "(delete keeps sources unless given --purge)."
+            )
+        other = path.with_name(f"{path.name}-2")
+        return UserError(
+            f"`{path}` already exists and is not an empty directory.{kept} podbay only creates "
+            "a project in a new or empty folder. To create it elsewhere: "
+            f"`new project {name} --path {other}`. To free this place, move the old folder "
+            f"away first (e.g. `mv {path} {path}.old`) and send the command again."
+        )
 
     async def release(self, plan: Plan) -> None:
         """Give back the reservation of a plan whose job was never started."""
@@ -413,7 +445,7 @@ class ProjectManager:
         except FileNotFoundError:
             return path, False, None
         if not stat.S_ISDIR(info.st_mode) or os.listdir(path):
-            raise UserError(f"{path} already exists and is not an empty directory.")
+            raise SourceNotEmpty(path)
         return path, True, (info.st_dev, info.st_ino)
 
     # -- create -----------------------------------------------------------------------

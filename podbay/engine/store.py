@@ -465,6 +465,29 @@ def _read_only_uri(path: str | Path) -> str:
     return Path(path).absolute().as_uri() + "?mode=ro"
 
 
+def _source_conflict(name: str, wanted: Path, rows: Iterable[sqlite3.Row]) -> str | None:
+    """The refusal of a project ``name`` with its source at ``wanted``, given the others."""
+    rows = list(rows)
+    if any(row["name"] == name for row in rows):
+        return f"A project named `{name}` already exists; pick another."
+    for row in rows:
+        other = Path(row["path"])
+        if wanted == other:
+            relation = "is already the source of"
+        elif wanted.is_relative_to(other):
+            relation = "is inside the source of"
+        elif other.is_relative_to(wanted):
+            relation = "contains the source of"
+        else:
+            continue
+        return (
+            f"Cannot create `{name}`: `{wanted}` {relation} project `{row['name']}` "
+            f"(`{other}`); one project's source never holds another's, so pick a folder "
+            "outside it with --path."
+        )
+    return None
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -951,24 +974,10 @@ class Store:
         wanted = Path(path)
         now = self._clock()
         async with self._tx():
-            if await self._project_get(name) is not None:
-                raise StoreError(f"A project named `{name}` already exists; pick another.")
             rows = await self._fetchall("SELECT name, path, ssh_port FROM projects")
-            for row in rows:
-                other = Path(row["path"])
-                if wanted == other:
-                    relation = "is already the source of"
-                elif wanted.is_relative_to(other):
-                    relation = "is inside the source of"
-                elif other.is_relative_to(wanted):
-                    relation = "contains the source of"
-                else:
-                    continue
-                raise StoreError(
-                    f"Cannot create `{name}`: `{wanted}` {relation} project "
-                    f"`{row['name']}` (`{other}`); projects never share source folders, so "
-                    "pick a separate --path."
-                )
+            conflict = _source_conflict(name, wanted, rows)
+            if conflict is not None:
+                raise StoreError(conflict)
             used = {int(r["ssh_port"]) for r in rows if r["ssh_port"] is not None}
             low, high = port_range
             released = {
@@ -1010,6 +1019,14 @@ class Store:
             reserved = await self._project_get(name)
         assert reserved is not None  # inserted in the same transaction
         return reserved
+
+    async def project_source_conflict(self, name: str, path: str | Path) -> str | None:
+        """Why ``name`` at ``path`` would be refused by :meth:`project_reserve` (name taken,
+        or a source shared with another project), or None. Advisory: only the reservation
+        decides, in its transaction."""
+        async with self._lock:
+            rows = await self._fetchall("SELECT name, path FROM projects")
+        return _source_conflict(name, Path(path), rows)
 
     async def ports_in_use(self) -> set[int]:
         """SSH ports assigned to any project."""

@@ -129,6 +129,12 @@ class Created:
     token_note: str = ""
 
 
+def _consume(task: asyncio.Task[StatsSample]) -> None:
+    """Retrieve an abandoned stats read's outcome, so asyncio does not report it."""
+    if not task.cancelled():
+        task.exception()
+
+
 def instance_id(data_dir: Path) -> str:
     """Labels this podbay's containers, so two podbays on one engine never mix them up."""
     return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
@@ -193,6 +199,8 @@ class ProjectManager:
         self.stats_cache: dict[str, ContainerStats] = {}
         # The last raw read per project (with its container id): CPU use is a difference.
         self._stats_raw: dict[str, tuple[str, StatsSample]] = {}
+        self._stats_reads: dict[str, asyncio.Task[StatsSample]] = {}  # the last read each
+        self._stats_lock = asyncio.Lock()
 
     async def managed_containers(self) -> list[ContainerInfo]:
         """This podbay's containers (one engine call)."""
@@ -206,13 +214,27 @@ class ProjectManager:
         figures are late keeps its previous sample, whose age status shows. CPU use is the
         change between this sample and the previous one of the same container.
         """
+        # One cycle at a time: each works out CPU use from the one before it.
+        async with self._stats_lock:
+            await self._sample_stats(timeout_s, concurrency)
+
+    async def _sample_stats(self, timeout_s: float, concurrency: int) -> None:
         running = [c for c in await self.managed_containers() if c.state == "running"]
         limit = asyncio.Semaphore(concurrency)
 
         async def one(info: ContainerInfo) -> tuple[ContainerInfo, StatsSample | None]:
+            late = self._stats_reads.get(info.project)
+            if late is not None and not late.done():
+                # Its last read has not come back (a thread blocked on the engine): another
+                # would only pile up threads behind it.
+                return info, None
             try:
                 async with asyncio.timeout(timeout_s), limit:
-                    return info, await self.docker.stats(info.name)
+                    read = asyncio.create_task(self.docker.stats(info.name))
+                    read.add_done_callback(_consume)
+                    self._stats_reads[info.project] = read
+                    # shield: a timeout abandons the read; it still ends (and is consumed).
+                    return info, await asyncio.shield(read)
             except (EngineError, TimeoutError):
                 return info, None
 
@@ -241,6 +263,9 @@ class ProjectManager:
             fresh[info.project] = ContainerStats(cpu, sample.memory_bytes, sample.memory_limit, now)
             fresh_raw[info.project] = (info.id, sample)
         self.stats_cache, self._stats_raw = fresh, fresh_raw
+        for project in set(self._stats_reads) - {info.project for info in running}:
+            if self._stats_reads[project].done():
+                del self._stats_reads[project]
 
     # -- names and places -------------------------------------------------------------
 

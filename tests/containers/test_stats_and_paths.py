@@ -138,9 +138,11 @@ async def test_a_stalled_stats_read_keeps_its_previous_sample_and_the_cycle_stil
 
     real_stats = manager.docker.stats
     never = asyncio.Event()
+    stuck_reads: list[str] = []
 
     async def stall_one(name: str) -> Any:
         if name.endswith("stuck"):
+            stuck_reads.append(name)
             await never.wait()
         return await real_stats(name)
 
@@ -150,8 +152,13 @@ async def test_a_stalled_stats_read_keeps_its_previous_sample_and_the_cycle_stil
     assert second["stuck"] == first["stuck"]  # kept, with its old age
     assert second["quick"].sampled_at > first["quick"].sampled_at
     assert second["quick"].cpu_percent is not None and second["quick"].cpu_percent >= 0
+    # The next cycle does not stack another read on the one still hanging.
+    await manager.sample_stats(timeout_s=5.0)
+    assert len(stuck_reads) == 1
+    assert manager.stats_cache["stuck"] == first["stuck"]
 
     since = len(dh.transport.sent)
     await dh.say("status")
     status = await dh.transport.wait_for_text("stuck", session=DM, timeout=60, since=since)
     assert re.search(r"`quick` · .* · cpu \d+% mem \S+ \(sampled \d+s ago\)", status), status
+    never.set()  # the abandoned read ends; its outcome is consumed, nothing is reported

@@ -302,6 +302,8 @@ class ProjectManager:
         if row.ssh_port is None:
             raise UserError(f"`{row.name}` has no SSH port yet; it is {row.state}.")
         pinned = await asyncio.to_thread(self.host_key_path(row.name).with_suffix(".pub").is_file)
+        if pinned and not await asyncio.to_thread(self.known_hosts().is_file):
+            await self.sync_known_hosts()  # removed by hand: the instructions need it
         return SshTarget(
             alias=self.host_alias(row.name),
             port=row.ssh_port,

@@ -147,8 +147,11 @@ async def test_printed_ssh_command_and_config_block_log_in_with_strict_host_key_
     block2 = await asyncio.to_thread(run_config_block, again, home, alias, "echo block2")
     assert block2.returncode == 0, block2.stderr
 
-    # The `ssh` command shows the same instructions, and a rebuild keeps the host key.
+    # The `ssh` command shows the same instructions (and writes known_hosts again if it was
+    # removed by hand), and a rebuild keeps the host key.
+    known.unlink()
     info = await dh.ask("ssh demo", "SSH:")
+    assert f"{alias} ssh-ed25519 " in known.read_text()
     before = await asyncio.to_thread(host_key, row.ssh_port)
     await dh.ask("rebuild demo", "Rebuilt `demo`")
     assert await asyncio.to_thread(host_key, row.ssh_port) == before

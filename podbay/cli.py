@@ -357,8 +357,10 @@ async def _trash(settings: Settings, action: str, entry: str | None) -> int:
 
 async def _ssh_config(settings: Settings, *, write: bool) -> int:
     async def use(manager: ProjectManager) -> int:
+        # The blocks pin host keys through podbay's known_hosts: bring it up to date first.
+        await manager.sync_known_hosts()
         blocks = [
-            ssh_config_block(p.name, p.ssh_port, manager.key_path(p.name))
+            ssh_config_block(await manager.ssh_target(p))
             for p in await manager.store.project_list()
             if p.ssh_port is not None and p.state == "ready"
         ]

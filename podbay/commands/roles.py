@@ -18,7 +18,7 @@ class Role(IntEnum):
 
     @property
     def with_article(self) -> str:
-        """"a viewer", "an operator", "an admin": for "you are ..." in replies."""
+        """The label with its article ("an operator"), for "you are ..." in replies."""
         return f"{'an' if self.label[0] in 'aeiou' else 'a'} {self.label}"
 
 

@@ -110,6 +110,9 @@ class Plan:
     identity: tuple[int, int] | None  # its (st_dev, st_ino) then
     notes: tuple[str, ...] = ()
     credential: tuple[str, str] | None = field(default=None, repr=False)  # (user, secret)
+    # The folder is the source `delete` kept of an earlier project: taken over as it is
+    # (no git runs on it, and a rollback leaves every file of it alone).
+    adopted: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,10 +366,15 @@ class ProjectManager:
             )
         if request.token:
             credential = ("oauth2", request.token)
+        adopted = False
         try:
             path, existed, identity = await asyncio.to_thread(self._resolve_path, request)
         except SourceNotEmpty as exc:
-            raise await self._not_empty(request, exc.path) from None
+            path = exc.path
+            identity = await self._kept_source(request, path)
+            if identity is None:
+                raise await self._not_empty(request, path) from None
+            existed, adopted = True, True
         cpus, memory, notes = await self._limits(request)
         try:
             row = await self.store.project_reserve(
@@ -384,7 +392,28 @@ class ProjectManager:
         self._reserved.add(request.name)
         assert row.ssh_port is not None
         clean = replace(request, git_url=url, token=None)
-        return Plan(clean, path, cpus, memory, row.ssh_port, existed, identity, notes, credential)
+        return Plan(
+            clean, path, cpus, memory, row.ssh_port, existed, identity, notes, credential, adopted
+        )
+
+    async def _kept_source(self, request: NewProjectRequest, path: Path) -> tuple[int, int] | None:
+        """The identity of ``path`` when it may be taken over: the source `delete` kept,
+        named explicitly with --path, still the same folder, and no --git to clone."""
+        kept = await self.store.kept_source_get(str(path))
+        if kept is None or request.path is None:
+            return None
+        if request.git_url is not None:
+            raise UserError(
+                f"`{path}` is the kept source of `{kept[0]}`: it already has its files, so "
+                "--git cannot clone into it. Drop --git to reuse it as it is."
+            )
+        try:
+            info = await asyncio.to_thread(os.lstat, path)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(info.st_mode) or (info.st_dev, info.st_ino) != kept[1:]:
+            return None  # not the folder that was kept any more
+        return info.st_dev, info.st_ino
 
     async def _not_empty(self, request: NewProjectRequest, path: Path) -> UserError:
         """The refusal of a folder that holds files, with the next step."""
@@ -393,13 +422,21 @@ class ProjectManager:
         if conflict is not None:
             return UserError(conflict)
         name = request.name
+        other = path.with_name(f"{path.name}-2")
+        recorded = await self.store.kept_source_get(str(path))
+        if recorded is not None:
+            return UserError(
+                f"`{path}` holds the source kept when project `{recorded[0]}` was deleted. "
+                f"To reuse it as it is: `new project {name} --path {path}`. To start afresh: "
+                f"`new project {name} --path {other}`, or remove the old folder yourself "
+                f"(`rm -rf {path}`) and send the command again."
+            )
         kept = ""
         if request.path is None:
             kept = (
                 f" It is probably the source kept when a project `{name}` was deleted "
                 "(delete keeps sources unless given --purge)."
             )
-        other = path.with_name(f"{path.name}-2")
         return UserError(
             f"`{path}` already exists and is not an empty directory.{kept} podbay only creates "
             "a project in a new or empty folder. To create it elsewhere: "
@@ -538,7 +575,10 @@ class ProjectManager:
         source = await asyncio.to_thread(_make_source, plan)
         await record(source)
         identity = (int(source["dev"]), int(source["ino"]))
-        if req.git_url:
+        if plan.adopted:
+            # Its files were written by a container: no host git runs there.
+            await job.step("source", f"reused the kept source {plan.path}")
+        elif req.git_url:
             await progress(f"Cloning {req.git_url}…")
             await git.clone(
                 req.git_url,
@@ -593,6 +633,8 @@ class ProjectManager:
         await self._wait_ready(spec.name, port)
         await job.step("ready", f"ssh on {port}")
         row = await self.store.project_update(req.name, state="ready")
+        if plan.adopted:
+            await self.store.kept_source_remove(str(plan.path))
         if req.session is not None:
             await self.store.session_set_project(req.session, req.name)
         return Created(
@@ -902,10 +944,17 @@ class ProjectManager:
             _undo_files, [self.keys_dir(project), self.secrets_dir(project)], [], []
         )
         await job.step("keys", "removed")
-        kept = f"Source kept at `{row.path}`."
+        kept = f"Source kept at `{row.path}` (`new project <name> --path {row.path}` reuses it)."
         if purge and await asyncio.to_thread(Path(row.path).exists):
             entry = await asyncio.to_thread(self._move_to_trash, project, Path(row.path))
             kept = f"Source moved to the trash as `{entry}` (`podbay trash restore {entry}`)."
+        else:
+            try:
+                info = await asyncio.to_thread(os.lstat, row.path)
+            except OSError:
+                info = None
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                await self.store.kept_source_add(row.path, project, info.st_dev, info.st_ino)
         await self.store.project_remove(project)
         await self.sync_known_hosts()
         await job.step("row", "removed")
@@ -1013,14 +1062,17 @@ def _make_source(plan: Plan) -> dict[str, Any]:
         raise _changed(path, f"{exc.strerror or exc}; a symlink or file is in the way") from None
     try:
         identity = _fd_identity(fd)
-        if plan.existed and (identity != plan.identity or os.listdir(fd)):
-            raise _changed(path, "it is another folder now, or not empty")
+        if plan.existed and identity != plan.identity:
+            raise _changed(path, "it is another folder now")
+        if plan.existed and not plan.adopted and os.listdir(fd):
+            raise _changed(path, "it is not empty any more")
     finally:
         os.close(fd)
     # The resolved path must still lead here: no component was swapped for a link.
     if os.path.realpath(path) != str(path):
         raise _changed(path, "a folder on the way became a symlink")
-    what = "contents" if plan.existed else "dir"
+    # "adopted": a kept source; its files are the user's and a rollback leaves them alone.
+    what = "adopted" if plan.adopted else "contents" if plan.existed else "dir"
     return {"what": what, "path": str(path), "dev": identity[0], "ino": identity[1]}
 
 

@@ -211,6 +211,19 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # idea of "the host on port N" changes as rarely as possible.
         "CREATE TABLE ports_released (port INTEGER PRIMARY KEY, at REAL NOT NULL)",
     ),
+    (
+        # Sources that `delete` kept: `new project --path` may take such a folder over again
+        # (only that exact folder, with the same device and inode).
+        """
+        CREATE TABLE kept_sources (
+            path TEXT PRIMARY KEY,
+            project TEXT NOT NULL,
+            dev INTEGER NOT NULL,
+            ino INTEGER NOT NULL,
+            at REAL NOT NULL
+        )
+        """,
+    ),
 ]
 
 _RESTARTED = "podbay restarted"
@@ -1189,6 +1202,32 @@ class Store:
             if row["status"] not in ("pending", "running"):
                 await self._execute("DELETE FROM runs WHERE id = ?", (run_id,))
         return _run(row)
+
+    # ---------------------------------------------------------------- kept sources
+
+    async def kept_source_add(self, path: str, project: str, dev: int, ino: int) -> None:
+        """Remember that ``delete`` kept ``path``, the source of ``project``."""
+        async with self._lock:
+            await self._execute(
+                """
+                INSERT INTO kept_sources (path, project, dev, ino, at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (path) DO UPDATE SET project = excluded.project,
+                    dev = excluded.dev, ino = excluded.ino, at = excluded.at
+                """,
+                (path, project, dev, ino, self._clock()),
+            )
+
+    async def kept_source_get(self, path: str) -> tuple[str, int, int] | None:
+        """(project, dev, ino) of a kept source, or None."""
+        async with self._lock:
+            row = await self._fetchone(
+                "SELECT project, dev, ino FROM kept_sources WHERE path = ?", (path,)
+            )
+        return (str(row[0]), int(row[1]), int(row[2])) if row is not None else None
+
+    async def kept_source_remove(self, path: str) -> None:
+        async with self._lock:
+            await self._execute("DELETE FROM kept_sources WHERE path = ?", (path,))
 
     # ---------------------------------------------------------------- events
 

@@ -1,6 +1,8 @@
 """The local console: each stdin line is a message from the local operator.
 
-Replies are printed as plain text as they come. Works interactively and with piped input;
+Replies are printed as they come: plain text when stdout is piped (what scripts and tests
+read), rendered with rich (headings, syntax-coloured code, tables) when it is a terminal.
+Works interactively and with piped input;
 ``closed`` is set once end of input has been reached and every line was submitted.
 
 One bad line never stops the console: stdin is read as bytes and decoded line by line, so a
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import getpass
 import logging
 import secrets
@@ -20,11 +23,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.transports.base import Capabilities, Health, Submit
 from podbay.transports.render import markdown_to_plain
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ class ConsoleTransport:
         self.closed = asyncio.Event()
         self._consumer: asyncio.Task[None] | None = None
         self.health = Health(self.name, local=True)
+        self._rich: Console | None = None
 
     def _lines(self) -> Iterator[str | _Undecodable]:
         """stdin line by line; bytes are decoded here so that one bad line stays one line."""
@@ -160,7 +167,10 @@ class ConsoleTransport:
 
     async def send(self, session: SessionKey, reply: Reply) -> MessageRef:
         self._sent += 1
-        self._write(markdown_to_plain(reply.text).rstrip("\n") + "\n")
+        if self._terminal():
+            self._print_rich(reply.text)
+        else:
+            self._write(markdown_to_plain(reply.text).rstrip("\n") + "\n")
         return MessageRef(session, (str(self._sent),))
 
     async def edit(self, ref: MessageRef, reply: Reply) -> MessageRef:
@@ -168,6 +178,23 @@ class ConsoleTransport:
 
     async def typing(self, session: SessionKey, active: bool) -> None:
         return None
+
+    def _terminal(self) -> bool:
+        try:
+            return self._stdout.isatty()
+        except (ValueError, OSError):  # a closed stream
+            return False
+
+    def _print_rich(self, text: str) -> None:
+        if self._rich is None:
+            # Imported on first use: piped runs (and every test of them) never pay for rich.
+            from rich.console import Console
+
+            self._rich = Console(file=self._stdout, force_terminal=True, highlight=False)
+        from rich.markdown import Markdown
+
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self._rich.print(Markdown(text, code_theme="monokai"))
 
     def _write(self, text: str) -> None:
         try:

@@ -41,7 +41,8 @@ from podbay.transports.render import markdown_to_html, markdown_to_plain, split_
 log = logging.getLogger(__name__)
 
 IsAllowed = Callable[[str], bool]
-# Matrix events may be 64 KiB; HTML roughly doubles the text, so stay well below.
+# Matrix events may be 64 KiB (UTF-8 bytes, so chunks are measured in bytes); the plain body
+# and the HTML both carry the text, so stay well below.
 MAX_CHUNK = 12000
 TYPING_TIMEOUT_MS = 30000
 # Error codes that no retry can fix: the credentials are wrong, revoked or deactivated.
@@ -490,7 +491,7 @@ class MatrixTransport:
 
     async def send(self, session: SessionKey, reply: Reply) -> MessageRef:
         ids: list[str] = []
-        for chunk in split_markdown(reply.text, MAX_CHUNK) or [""]:
+        for chunk in split_markdown(reply.text, MAX_CHUNK, unit="bytes") or [""]:
             response = await self._retry(
                 "send",
                 partial(
@@ -510,7 +511,9 @@ class MatrixTransport:
     async def edit(self, ref: MessageRef, reply: Reply) -> MessageRef:
         if not ref.ids:
             return await self.send(ref.session, reply)
-        content = self._content(split_markdown(reply.text, MAX_CHUNK)[-1] if reply.text else "")
+        content = self._content(
+            split_markdown(reply.text, MAX_CHUNK, unit="bytes")[-1] if reply.text else ""
+        )
         await self._retry(
             "edit",
             lambda: self._client.room_send(

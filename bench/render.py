@@ -33,6 +33,7 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,14 @@ import baseline_render  # noqa: E402
 TARGET_BYTES = 200 * 1024
 SEED = 11
 LIMITS = {"matrix": 12000, "slack": 40000, "slack_section": 3000, "whatsapp": 4096}
+# What one platform message may hold once rendered (the split limits apply to the Markdown):
+# a Matrix event is at most 65,536 bytes of JSON, so body + formatted_body must stay below it;
+# Slack truncates chat.postMessage text past 40,000 characters; WhatsApp refuses past 4,096.
+MESSAGE_LIMITS: dict[str, tuple[int, str]] = {
+    "matrix_html": (65536, "bytes"),
+    "slack_mrkdwn": (40000, "chars"),
+    "whatsapp": (4096, "chars"),
+}
 
 # --- transcript -------------------------------------------------------------------------------
 
@@ -256,71 +265,63 @@ def baseline_pipelines() -> dict[str, Pipeline | None]:
     }
 
 
-def _chat_pipeline(
-    chat: Any, split: Callable[..., list[str]], names: tuple[str, ...], limit: int
-) -> tuple[Pipeline | None, str]:
-    """The new Slack/WhatsApp path, adapting to what render_chat exposes."""
-    render = next((getattr(chat, n) for n in names if hasattr(chat, n)), None)
-    if render is None:
-        return None, "missing"
-    splitter = next(
-        (getattr(chat, n) for n in (f"split_{names[0].split('_to_')[-1]}",) if hasattr(chat, n)),
-        None,
+def _import(name: str) -> tuple[Any, float]:
+    started = time.perf_counter()
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None, 0.0
+    return module, round(time.perf_counter() - started, 4)
+
+
+def new_pipelines() -> tuple[dict[str, Pipeline | None], dict[str, Any]]:
+    """Import the markdown-it-py implementation; a piece that does not exist yet is None.
+
+    Imported here, not at the top, so that the benchmark runs (baseline only) before the new
+    renderers land and picks up whatever of them exists.
+    """
+    pipelines: dict[str, Pipeline | None] = dict.fromkeys(
+        ("plain", "matrix_html", "slack_mrkdwn", "whatsapp")
     )
-    if splitter is not None:
-        # A dialect-aware splitter renders and splits in the platform's own unit.
-        return (
-            (lambda text: [(chunk,) for chunk in splitter(text, limit)]),
-            f"{splitter.__name__}(text, {limit})",
-        )
-    return _split_then(split, limit, render), f"split_markdown({limit}) then {render.__name__}"
-
-
-def new_pipelines() -> tuple[dict[str, Pipeline | None], dict[str, str]]:
-    """Import the markdown-it-py implementation; a piece that does not exist yet is None."""
-    render = importlib.import_module("podbay.transports.render")
-    how: dict[str, str] = {}
-    if "markdown_it" not in Path(inspect.getfile(render)).read_text():
-        return {"plain": None, "matrix_html": None, "slack_mrkdwn": None, "whatsapp": None}, {
-            "render": "podbay.transports.render is still the regex renderer"
-        }
+    render, render_s = _import("podbay.transports.render")
+    how: dict[str, Any] = {"import_render_s": render_s}
+    if render is None or "markdown_it" not in Path(inspect.getfile(render)).read_text():
+        how["render"] = "podbay.transports.render is still the regex renderer"
+        return pipelines, how
     split = render.split_markdown
-    pipelines: dict[str, Pipeline | None] = {
-        "plain": lambda text: [(render.markdown_to_plain(text),)],
-        "matrix_html": _matrix(split, render.markdown_to_plain, render.markdown_to_html),
-    }
+    matrix_split = split
+    if _accepts(split, "unit"):
+        # MatrixTransport measures its chunks in UTF-8 bytes once the splitter can.
+        matrix_split = partial(split, unit="bytes")
+    pipelines["plain"] = lambda text: [(render.markdown_to_plain(text),)]
+    pipelines["matrix_html"] = _matrix(
+        matrix_split, render.markdown_to_plain, render.markdown_to_html
+    )
+    unit = "bytes" if matrix_split is not split else "chars"
     how["plain"] = "markdown_to_plain(text)"
     how["matrix_html"] = (
-        f"split_markdown({LIMITS['matrix']}) then markdown_to_plain + markdown_to_html per chunk"
+        f"split_markdown(text, {LIMITS['matrix']}, unit={unit!r}), "
+        "then markdown_to_plain and markdown_to_html per chunk"
     )
-    try:
-        chat = importlib.import_module("podbay.transports.render_chat")
-    except ImportError:
-        chat = None
-    if chat is None:
-        pipelines["slack_mrkdwn"] = pipelines["whatsapp"] = None
-        how["slack_mrkdwn"] = how["whatsapp"] = "podbay.transports.render_chat missing"
-    else:
-        pipelines["slack_mrkdwn"], how["slack_mrkdwn"] = _slack(chat, split)
-        pipelines["whatsapp"], how["whatsapp"] = _chat_pipeline(
-            chat, split, ("markdown_to_whatsapp",), LIMITS["whatsapp"]
-        )
+    chat, chat_s = _import("podbay.transports.render_chat")
+    how["import_render_chat_s"] = chat_s
+    for dialect, name, limit in (
+        ("slack_mrkdwn", "markdown_to_mrkdwn", LIMITS["slack"]),
+        ("whatsapp", "markdown_to_whatsapp", LIMITS["whatsapp"]),
+    ):
+        func = getattr(chat, name, None)
+        if func is None:
+            how[dialect] = f"podbay.transports.render_chat.{name} missing"
+            continue
+        pipelines[dialect] = _split_then(split, limit, func)
+        how[dialect] = f"split_markdown(text, {limit}), then {name} per chunk"
+    public = [n for n in dir(chat) if not n.startswith("_")] if chat is not None else []
+    sections = [n for n in public if "section" in n.lower() or "blocks" in n.lower()]
+    # Slack caps a Block Kit section at 3,000 characters; measured only if a splitter exists.
+    how["slack_sections_3000"] = (
+        f"available, not measured: {sections}" if sections else "no section splitter exposed"
+    )
     return pipelines, how
-
-
-def _slack(chat: Any, split: Callable[..., list[str]]) -> tuple[Pipeline | None, str]:
-    render = getattr(chat, "markdown_to_mrkdwn", None)
-    if render is None:
-        return None, "markdown_to_mrkdwn missing"
-    blocks = getattr(chat, "markdown_to_blocks", None) or getattr(chat, "slack_blocks", None)
-    if blocks is not None:
-        return (
-            lambda text: [(str(b),) for b in blocks(text)],
-            f"{blocks.__name__}(text): Block Kit sections",
-        )
-    return _split_then(split, LIMITS["slack"], render), (
-        f"split_markdown({LIMITS['slack']}) then markdown_to_mrkdwn per chunk"
-    )
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -340,14 +341,21 @@ def _peak_bytes(run: Pipeline, text: str) -> int:
     return peak - before
 
 
-def _output(run: Pipeline, text: str) -> dict[str, Any]:
+def _output(dialect: str, run: Pipeline, text: str) -> dict[str, Any]:
     messages = run(text)
-    fields = [field for message in messages for field in message]
-    return {
+    out: dict[str, Any] = {
         "messages": len(messages),
-        "output_chars": sum(len(f) for f in fields),
-        "largest_field_chars": max((len(f) for f in fields), default=0),
+        "output_chars": sum(len(field) for message in messages for field in message),
+        "largest_message_chars": max((sum(map(len, m)) for m in messages), default=0),
     }
+    if dialect in MESSAGE_LIMITS:
+        limit, unit = MESSAGE_LIMITS[dialect]
+        sizes = [
+            sum(len(f) if unit == "chars" else len(f.encode()) for f in message)
+            for message in messages
+        ]
+        out[f"messages_over_{limit}_{unit}"] = sum(1 for size in sizes if size > limit)
+    return out
 
 
 def measure(
@@ -365,7 +373,10 @@ def measure(
             started = time.perf_counter()
             run(text)  # first call: parser construction, pattern compilation, imports
             first = time.perf_counter() - started
-            results[dialect][side] = {"first_call_s": round(first, 4), **_output(run, text)}
+            results[dialect][side] = {
+                "first_call_s": round(first, 4),
+                **_output(dialect, run, text),
+            }
             times[(dialect, side)] = []
     for _ in range(runs):  # interleaved, so machine noise is shared by both sides
         for (dialect, side), samples in times.items():

@@ -3,11 +3,14 @@
 Run: .venv/bin/python bench/render.py [--runs N]   (writes bench/results/render.json)
 The transcript is generated from a fixed seed (no network, same text on every machine). Each
 dialect does what its transport does with one long reply: the console renders the whole text
-to plain; Matrix splits at 12,000 characters and renders every chunk to a plain body and
-sanitised HTML; Slack splits at 40,000 characters (and 3,000 per section when the renderer
-has that unit) and renders mrkdwn; WhatsApp splits at 4,096 characters and renders its own
-syntax. The markdown-it-py implementation (podbay.transports.render / render_chat) runs in
-the same process as the regex renderer it replaced (bench/baseline_render.py), interleaved,
+to plain; Matrix splits at 12,000 (UTF-8 bytes when the splitter has units, as
+MatrixTransport does; characters for the baseline) and renders every chunk to a plain body
+and sanitised HTML; Slack splits at 40,000 characters and renders mrkdwn (3,000-character
+Block Kit sections are noted, not measured, until a section splitter exists); WhatsApp
+splits at 4,096 characters and renders its own syntax. The split limits apply to the
+Markdown, so each row also counts rendered messages that exceed the platform's own limit.
+The markdown-it-py implementation (podbay.transports.render / render_chat) runs in the same
+process as the regex renderer it replaced (bench/baseline_render.py), interleaved,
 so a busy moment on a shared machine lands on both. The baseline has no Slack or WhatsApp
 renderer: those rows say n/a.
 

@@ -732,6 +732,33 @@ def split_markdown(text: str, limit: int, *, unit: Unit = "chars") -> list[str]:
 _ESCAPED = re.compile(r"[\\`*_{}\[\]()#+\-.!|>~<&]")
 
 
+def split_rendered(
+    text: str, limit: int, render: Callable[[str], str], *, unit: Unit = "chars"
+) -> list[str]:
+    """Markdown chunks whose *rendered* form fits ``limit`` (characters or UTF-8 bytes).
+
+    Rendering changes the size (Slack escapes ``&`` and ``<``, WhatsApp writes links as
+    ``label (url)``, tables are padded), so a chunk that fits as Markdown may not fit as
+    the platform's message: such a chunk is split again, with a limit shrunk by how much
+    rendering grew it, until every rendered chunk fits.
+    """
+    size_of: Callable[[str], int] = len if unit == "chars" else _utf8_len
+    fitted: list[str] = []
+    pending = list(reversed(split_markdown(text, limit, unit=unit)))
+    while pending:
+        chunk = pending.pop()
+        rendered = size_of(render(chunk))
+        markdown = size_of(chunk)
+        if rendered <= limit or markdown <= MIN_SPLIT_LIMIT:
+            fitted.append(chunk)
+            continue
+        # Shrink by the growth (with a margin), and at least by a tenth, so this ends.
+        smaller = min(int(markdown * limit / rendered * 0.95), markdown - max(1, markdown // 10))
+        smaller = max(MIN_SPLIT_LIMIT, smaller)
+        pending.extend(reversed(split_markdown(chunk, smaller, unit=unit)))
+    return fitted
+
+
 def escape_markdown(text: str) -> str:
     """Backslash-escape Markdown punctuation (and ``&``, which starts entities) so ``text``
     shows literally."""

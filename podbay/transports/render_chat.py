@@ -32,9 +32,10 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markdown_it.tree import SyntaxTreeNode
+
+from podbay.transports.render import _MAX_INLINE_NESTING, _flatten_deep, parse
 
 __all__ = [
     "ChatRenderer",
@@ -43,14 +44,6 @@ __all__ = [
     "markdown_to_mrkdwn",
     "markdown_to_whatsapp",
 ]
-
-# html=False: raw HTML in a reply is text (``Vec<u8>``, ``<details>``), as in render.py.
-_MD = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
-
-
-def _parse(text: str) -> list[Token]:
-    return _MD.parse(text)
-
 
 ZWSP = "\u200b"
 _MARKERS = frozenset("*_~`")
@@ -62,23 +55,6 @@ _LINK_SCHEMES = ("http:", "https:", "mailto:")
 _EMPHASIS = {"strong": "*", "em": "_", "s": "~"}
 _BULLETS = ("•", "◦", "▪")
 RULE = "─" * 20
-
-
-_MAX_INLINE_NESTING = 32
-
-
-def _flatten_deep(children: list[Token]) -> list[Token]:
-    """``children`` with emphasis nested deeper than :data:`_MAX_INLINE_NESTING` shown as
-    written: markdown-it bounds block nesting but not emphasis pairs, and rendering recurses."""
-    depth, out = 0, []
-    for token in children:
-        depth += max(token.nesting, 0)
-        too_deep = depth > _MAX_INLINE_NESTING
-        depth += min(token.nesting, 0)
-        out.append(
-            Token("text", "", 0, content=token.markup) if too_deep and token.nesting else token
-        )
-    return out
 
 
 def _neutralise_markers(text: str) -> str:
@@ -152,7 +128,7 @@ class ChatRenderer:
         return "\n".join(self.blocks(SyntaxTreeNode(tokens), depth=0)).strip("\n")
 
     def render_markdown(self, text: str) -> str:
-        return self.render(_parse(text))
+        return self.render(parse(text))
 
     def escape_text(self, text: str) -> str:
         """``text`` (user text) so that it shows as written and formats or pings nothing."""

@@ -100,6 +100,19 @@ async def control_latency(tmp: Path, samples: int = 200) -> dict[str, float]:
     }
 
 
+def _where(filename: str) -> str:
+    """A source file as results may name it: relative to the repository, to site-packages
+    for libraries, or its last two parts for the standard library (no machine path)."""
+    path = Path(filename).resolve()
+    root = Path(__file__).resolve().parent.parent
+    if path.is_relative_to(root) and "site-packages" not in path.parts:
+        return str(path.relative_to(root))
+    if "site-packages" in path.parts:
+        return str(Path(*path.parts[path.parts.index("site-packages") + 1 :]))
+    # The standard library: from the package folder on (asyncio/queues.py).
+    return str(Path(*path.parts[-2:]))
+
+
 async def retained_memory(tmp: Path, sessions: int = 2000) -> dict[str, float]:
     agent = FakeAgent(auto_release=0.0)
     store, dispatcher, transport = await _setup(tmp, 0, agent)
@@ -120,7 +133,9 @@ async def retained_memory(tmp: Path, sessions: int = 2000) -> dict[str, float]:
     tracemalloc.stop()
     diff = after.compare_to(baseline, "lineno")
     retained = sum(stat.size_diff for stat in diff)
-    top = [f"{s.traceback[0].filename}:{s.traceback[0].lineno} {s.size_diff}" for s in diff[:5]]
+    top = [
+        f"{_where(s.traceback[0].filename)}:{s.traceback[0].lineno} {s.size_diff}" for s in diff[:5]
+    ]
     live = dispatcher.live_sessions
     await dispatcher.shutdown()
     await store.close()

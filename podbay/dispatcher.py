@@ -603,7 +603,6 @@ class Dispatcher:
         project: ProjectRow | None,
     ) -> None:
         try:
-            await self.store.session_touch(state.key)  # "last activity" in status
             await self.store.inbox_attach_run(ids, run_id)
             workdir = self._workdir(state.key, project)
             if project is None:

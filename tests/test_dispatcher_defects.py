@@ -72,14 +72,15 @@ async def test_stop_right_after_a_run_is_recorded_leaves_no_pending_ghost(
 ) -> None:
     store = harness.store
     reached, hold = asyncio.Event(), asyncio.Event()
-    real_touch = store.session_touch
+    real_attach = store.inbox_attach_run
 
-    async def slow_touch(key: SessionKey) -> None:
+    async def slow_attach(ids: list[int], run_id: int) -> None:
+        # The first step of the run after its row was written.
         reached.set()
         await hold.wait()
-        await real_touch(key)
+        await real_attach(ids, run_id)
 
-    monkeypatch.setattr(store, "session_touch", slow_touch)
+    monkeypatch.setattr(store, "inbox_attach_run", slow_attach)
     await harness.transport.say("work")
     await reached.wait()  # the run row exists; the run has not begun
     await harness.transport.say("stop")

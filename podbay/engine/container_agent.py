@@ -134,7 +134,7 @@ class ContainerRun:
                 yield event
             return
         preset = preset_for(config.preset)
-        if agent.clis.lookup(config.preset, config.version) is None:
+        if await asyncio.to_thread(agent.clis.lookup, config.preset, config.version) is None:
             yield NoticeEvent(
                 f"Fetching the {config.preset} CLI (first use only; every project shares it)…"
             )

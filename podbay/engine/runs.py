@@ -90,13 +90,14 @@ class RunService:
         Raises UserError before anything starts when no runner fits (no active project for
         a container agent, no agent configured); the run is then recorded as failed.
         """
+        # One write marks the turn and the conversation's "last activity" (status).
+        await self.store.session_mark_turn(plan.session, self._clock())
         try:
             agent = self.runner_for(plan.project)
         except UserError as exc:
             await self.store.run_finish(plan.run_id, "failed", error=str(exc))
             raise
         note = await self.context_note(plan.project, plan.session_row)
-        await self.store.session_mark_turn(plan.session, self._clock())
         project = plan.project
         request = RunRequest(
             prompt=note + plan.prompt,

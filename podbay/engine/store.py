@@ -511,6 +511,9 @@ class Store:
         self._db = db
         self._clock = clock
         self._lock = asyncio.Lock()
+        # Project names, for parsing every message without a query; every method that
+        # inserts or deletes a project row forgets it (rows are never renamed).
+        self._names: list[str] | None = None
         self._read_only = False  # set by open(read_only=True): every write is refused
 
     # ---------------------------------------------------------------- lifecycle
@@ -878,6 +881,7 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> ProjectRow:
         """Insert a project; StoreError if the name or the SSH port is taken."""
+        self._names = None
         now = self._clock()
         try:
             async with self._tx():
@@ -904,6 +908,7 @@ class Store:
         except sqlite3.IntegrityError as exc:
             raise _project_integrity(exc, name, ssh_port) from exc
         assert row is not None  # just inserted in the same transaction
+        self._names = None
         return row
 
     async def project_get(self, name: str) -> ProjectRow | None:
@@ -912,10 +917,14 @@ class Store:
             return await self._project_get(name)
 
     async def project_names(self) -> list[str]:
-        """Names of all projects (cheap: for parsing every message)."""
-        async with self._lock:
-            rows = await self._fetchall("SELECT name FROM projects")
-        return [str(r[0]) for r in rows]
+        """Names of all projects (cached: the dispatcher asks for every message)."""
+        names = self._names
+        if names is None:
+            async with self._lock:
+                rows = await self._fetchall("SELECT name FROM projects")
+                # Set under the lock: a writer that comes after forgets it again.
+                names = self._names = [str(r[0]) for r in rows]
+        return list(names)
 
     async def project_list(self) -> list[ProjectRow]:
         """All projects ordered by name."""
@@ -955,6 +964,7 @@ class Store:
         given back before anything listened on it): it is handed out again only when no port
         that was never used, or that was freed earlier, is left.
         """
+        self._names = None
         async with self._tx():
             row = await self._project_get(name)
             count, _ = await self._execute("DELETE FROM projects WHERE name = ?", (name,))
@@ -964,6 +974,7 @@ class Store:
                     "ON CONFLICT (port) DO UPDATE SET at = excluded.at",
                     (row.ssh_port, self._clock()),
                 )
+        self._names = None
         return count > 0
 
     async def project_reserve(
@@ -984,6 +995,7 @@ class Store:
         inside or contains another project's source, or no port in ``port_range`` is both
         unregistered and free (``port_is_free``, e.g. not bound on 127.0.0.1).
         """
+        self._names = None
         wanted = Path(path)
         now = self._clock()
         async with self._tx():
@@ -1031,6 +1043,7 @@ class Store:
             )
             reserved = await self._project_get(name)
         assert reserved is not None  # inserted in the same transaction
+        self._names = None
         return reserved
 
     async def project_source_conflict(self, name: str, path: str | Path) -> str | None:

@@ -648,3 +648,15 @@ async def test_concurrent_transactions_do_not_interleave(store: Store) -> None:
     job = await store.job_get(job_id)
     assert job is not None
     assert sorted(step["name"] for step in job.steps) == sorted(f"step{i}" for i in range(100))
+
+
+async def test_project_names_follow_every_insert_and_removal(store: Store) -> None:
+    assert await store.project_names() == []
+    await store.project_add("alpha", "/src/alpha")
+    assert await store.project_names() == ["alpha"]
+    await store.project_reserve(
+        "beta", "/src/beta", port_range=(2200, 2210), port_is_free=lambda port: True
+    )
+    assert sorted(await store.project_names()) == ["alpha", "beta"]
+    await store.project_remove("alpha")
+    assert await store.project_names() == ["beta"]

@@ -12,6 +12,7 @@ import pytest
 from fakes.agent import FakeAgent
 from fakes.harness import Harness
 from fakes.transport import MemoryTransport
+from hypothesis import settings as hypothesis_settings
 
 from podbay.commands.catalog import build_registry
 from podbay.commands.registry import Registry
@@ -19,6 +20,12 @@ from podbay.config import Settings
 from podbay.dispatcher import Dispatcher
 from podbay.engine.core import Engine
 from podbay.engine.store import Store
+
+# CI runs every property test on the same examples: a clean clone has no example database,
+# and a run must not pass or fail by the luck of the draw. Locally, Hypothesis explores.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 # A callback that holds the event loop longer than this fails the test.
 BLOCK_LIMIT_S = float(os.environ.get("PODBAY_TEST_BLOCK_LIMIT_S", "0.1"))

@@ -545,6 +545,7 @@ class _Splitter:
         self.size_of = size_of
         self.chunks: list[str] = []
         self.cur: list[str] = []
+        self.cur_in_list: list[bool] = []  # per line of self.cur: inside a list item
         self.size = 0  # size_of("\n".join(self.cur))
         self.fence: _Fence | None = None
         self.reserve = 0  # room kept for "\n" + the line closing self.fence
@@ -568,24 +569,35 @@ class _Splitter:
             self.dedent = self.in_list
         self.size += self.size_of(line) + (1 if self.cur else 0)
         self.cur.append(line)
+        self.cur_in_list.append(self.in_list)
         self.has_body = self.has_body or not _is_blank(line)
 
     def flush(self) -> None:
         lines = self.cur
+        if self.dedent and lines:
+            # Cut from its list item, a nested item or paragraph indented 4 or more would
+            # read as an indented code block: the rest of that item starts the chunk at the
+            # left margin. Only the item's own lines move; what follows the list (an
+            # indented code block, say) keeps its indentation.
+            first = next((ln for ln in lines if not _is_blank(ln)), "")
+            n = len(first) - len(first.lstrip(" "))
+            moved: list[str] = []
+            for index, line in enumerate(lines):
+                if not self.cur_in_list[index] and not _is_blank(line):
+                    moved += lines[index:]
+                    break
+                moved.append(line[min(n, len(line) - len(line.lstrip(" "))) :])
+            lines = moved
         if self.fence is not None:
             # A re-opened fence holding only blank lines is not worth a message.
             close = [] if self.fence.close_line is None else [self.fence.close_line]
             lines = [] if self.reopened and not self.has_body else [*lines, *close]
         lines = _strip_blank_lines(lines)
-        if self.dedent and lines:
-            # Cut from its list item, a nested item or paragraph indented 4 or more would
-            # read as an indented code block: it starts the chunk at the left margin instead.
-            n = len(lines[0]) - len(lines[0].lstrip(" "))
-            lines = [line[min(n, len(line) - len(line.lstrip(" "))) :] for line in lines]
         text = "\n".join(lines)
         if text:
             self.chunks.append(text)
         self.cur, self.size, self.has_body, self.reopened = [], 0, False, False
+        self.cur_in_list = []
 
     def break_chunk(self) -> None:
         self.flush()

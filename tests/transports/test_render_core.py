@@ -8,7 +8,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from podbay.messages import Reply
@@ -342,6 +342,18 @@ def test_fences_are_balanced_in_every_chunk(text: str, limit: int, unit: str) ->
 
 @_SPLIT_SETTINGS
 @given(text=_document, limit=st.integers(60, 400))
+# Found by this property: a chunk cut from a list item was dedented as a whole, and an
+# indented code block after the list turned into a list item.
+@example(
+    text="alpha\n\n- "
+    + "alpha " * 11
+    + "alpha\n- "
+    + "alpha " * 19
+    + "alpha\n  - "
+    + "alpha " * 7
+    + "alpha\n\nalpha\n\n    - alpha",
+    limit=244,
+)
 def test_plain_text_of_the_chunks_joined_is_the_plain_text_of_the_whole(
     text: str, limit: int
 ) -> None:

@@ -14,6 +14,7 @@ from typing import IO
 
 from podbay.commands.catalog import build_registry
 from podbay.commands.registry import Registry
+from podbay.commands.roles import role_for
 from podbay.config import Settings
 from podbay.dispatcher import Dispatcher
 from podbay.engine.agents import Agent
@@ -25,6 +26,8 @@ from podbay.errors import ConfigError, EngineError
 from podbay.messages import Reply, SessionKey
 from podbay.supervisor import Supervisor
 from podbay.transports.base import Transport
+from podbay.transports.http import WebhookServer
+from podbay.transports.plugins import TransportContext, create_enabled
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +40,28 @@ def database_path(settings: Settings) -> Path:
 
 
 class Podbay:
-    """One running podbay. Use as ``async with Podbay(settings, transports=[...]) as bot``."""
+    """One running podbay. Use as ``async with Podbay(settings) as bot``.
+
+    ``transports`` defaults to every transport plugin the configuration enables, built on
+    this podbay's webhook server (``http``); tests may pass their own instead.
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        transports: Sequence[Transport] = (),
+        transports: Sequence[Transport] | None = None,
         agent: Agent | None = None,
         docker: bool = True,
         registry: Registry | None = None,
         shutdown_grace_s: float | None = None,
     ) -> None:
         self.settings = settings
-        self.transports = list(transports)
+        # One aiohttp app for every webhook (Slack, WhatsApp); started only when one is mounted.
+        self.http = WebhookServer(settings.http)
+        self.transports = (
+            list(transports) if transports is not None else create_enabled(self.context())
+        )
         self._agent = agent
         self._provisioner = DockerProvisioner() if docker else None
         # Extra commands (plugins, tests) come as a registry built on build_registry().
@@ -66,6 +77,15 @@ class Podbay:
         self._started: list[Transport] = []
         # Watches every transport; `podbay run` ends when one has failed for good.
         self.supervisor = Supervisor(settings.data_dir)
+
+    def context(self) -> TransportContext:
+        """What a transport plugin is built with (its routes go on ``http``)."""
+        access = self.settings.access
+        return TransportContext(
+            settings=self.settings,
+            http=self.http,
+            is_allowed=lambda identity: role_for(identity, access) is not None,
+        )
 
     def _lock(self) -> None:
         data_dir = self.settings.data_dir
@@ -108,6 +128,8 @@ class Podbay:
             for transport in self.transports:
                 await self.supervisor.start(transport, self.dispatcher.submit)
                 self._started.append(transport)
+            if self.http.needed:
+                await self.http.start()
             if self.engine.projects is not None:
                 self.engine.projects.cancel_runs = self.dispatcher.cancel_project_runs
                 await self._start_background(self.engine, self.dispatcher)
@@ -169,6 +191,8 @@ class Podbay:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
+        # No new webhook deliveries; what is in flight is in the inbox or stays with Slack.
+        await self.http.stop()
         # The dispatcher goes first: its last replies still need the transports.
         if self.dispatcher is not None:
             await self.dispatcher.shutdown(self.shutdown_grace_s)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import logging.handlers
 import os
@@ -34,8 +33,8 @@ from podbay.engine.store import Store
 from podbay.errors import ConfigError, PodbayError, UserError
 from podbay.redact import RedactingFormatter
 from podbay.supervisor import read_published
-from podbay.transports.base import Transport
 from podbay.transports.console import ConsoleTransport
+from podbay.transports.plugins import discover
 from podbay.transports.render import markdown_to_plain
 
 log = logging.getLogger("podbay")
@@ -234,20 +233,12 @@ async def _chat(settings: Settings) -> int:
     return 0
 
 
-def _enabled_transports(settings: Settings) -> list[Transport]:
-    transports: list[Transport] = []
-    if settings.transports.console.enabled:
-        transports.append(ConsoleTransport())
-    if settings.transports.matrix.enabled:
-        from podbay.transports.matrix import MatrixTransport
-
-        transports.append(MatrixTransport.from_settings(settings))
-    return transports or [ConsoleTransport()]
-
-
 async def _run(settings: Settings) -> int:
-    transports = _enabled_transports(settings)
-    async with Podbay(settings, transports=transports) as bot:
+    bot = Podbay(settings)
+    if not bot.transports:
+        bot.transports.append(ConsoleTransport())
+    transports = bot.transports
+    async with bot:
         names = ", ".join(t.name for t in transports)
         log.info("podbay serving on: %s", names)
         stop = _stop_event()
@@ -506,12 +497,12 @@ async def _doctor(settings: Settings, config_read: Path | None = None) -> int:
         if image_note:
             notes.append(image_note)
     _check_agent(settings, problems, notes)
-    if settings.transports.matrix.enabled:
-        matrix_problem = await _check_matrix(settings)
-        if matrix_problem:
-            problems.append(matrix_problem)
-        else:
-            notes.append(f"Matrix homeserver {settings.transports.matrix.homeserver} answers")
+    for name, plugin in discover().items():
+        section = settings.transport_config(name)
+        if section.enabled and plugin.doctor is not None:
+            report = await plugin.doctor(settings, section)
+            notes.extend(report.notes)
+            problems.extend(report.problems)
     problems.extend(await _check_transports(settings, notes))
     for note in notes:
         print(f"ok: {note}")
@@ -528,7 +519,9 @@ async def _check_transports(settings: Settings, notes: list[str]) -> list[tuple[
     """The states a running podbay publishes for its transports (see podbay.supervisor)."""
     published = await asyncio.to_thread(read_published, settings.data_dir)
     if published is None or not published.running:
-        if settings.transports.matrix.enabled:
+        if any(
+            settings.transport_config(name).enabled and name != "console" for name in discover()
+        ):
             notes.append("podbay is not running: `podbay run` reports transport states here")
         return []
     problems: list[tuple[str, str]] = []
@@ -550,38 +543,6 @@ async def _check_transports(settings: Settings, notes: list[str]) -> list[tuple[
         else:
             notes.append(f"transport {state.describe()}")
     return problems
-
-
-async def _check_matrix(settings: Settings) -> tuple[str, str] | None:
-    import aiohttp
-
-    cfg = settings.transports.matrix
-    state_file = settings.data_dir / "matrix" / "state.json"
-    token = cfg.access_token.get_secret_value()
-    if state_file.exists():
-        token = json.loads(state_file.read_text()).get("access_token") or token
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            async with http.get(f"{cfg.homeserver}/_matrix/client/versions") as response:
-                if response.status != 200:
-                    raise RuntimeError(f"HTTP {response.status}")
-            if token:
-                async with http.get(
-                    f"{cfg.homeserver}/_matrix/client/v3/account/whoami",
-                    headers={"Authorization": f"Bearer {token}"},
-                ) as response:
-                    if response.status != 200:
-                        return (
-                            f"Matrix rejects podbay's access token (HTTP {response.status})",
-                            "set a fresh `transports.matrix.access_token`, or delete "
-                            f"{state_file} to log in again with the password",
-                        )
-    except Exception as exc:
-        return (
-            f"Matrix homeserver {cfg.homeserver} not reachable: {exc}",
-            "check `transports.matrix.homeserver` and the network",
-        )
-    return None
 
 
 # Host programs podbay runs itself, and why (for the doctor's line when one is missing).

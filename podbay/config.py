@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from pydantic import (
     BaseModel,
@@ -20,12 +20,15 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from podbay.configbase import Section, TransportSection
 from podbay.errors import ConfigError
+from podbay.transports.plugins import discover
 
 DEFAULT_CONFIG_PATH = Path("~/.config/podbay/config.toml")
 DEFAULT_DATA_DIR = Path("~/.local/share/podbay")
@@ -33,8 +36,7 @@ DEFAULT_DATA_DIR = Path("~/.local/share/podbay")
 _IDENTITY = re.compile(r"^[a-z][a-z0-9_-]*:\S.*$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section
 
 
 class BotConfig(_Section):
@@ -313,7 +315,21 @@ class AgentConfig(_Section):
 
 class HttpConfig(_Section):
     host: str = Field("127.0.0.1", description="Address of the webhook server (Slack, WhatsApp).")
-    port: int = Field(8765, ge=1, le=65535, description="Port of the webhook server.")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the webhook server (0: any).")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Larger request bodies are refused with 413."
+    )
+    public_url: str = Field(
+        "",
+        description='URL the platforms reach the webhook server at, e.g. "https://bot.example.org".',
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError('expected an http(s) URL, e.g. "https://bot.example.org"')
+        return value.rstrip("/")
 
 
 class ProjectsConfig(_Section):
@@ -409,47 +425,6 @@ class GitConfig(_Section):
     clone_timeout_s: float = Field(300.0, gt=0, description="`--git` clones give up after this.")
 
 
-class ConsoleTransportConfig(_Section):
-    enabled: bool = Field(False, description="Serve the local console in `podbay run`.")
-
-
-class MatrixTransportConfig(_Section):
-    enabled: bool = Field(False, description="Serve Matrix rooms in `podbay run`.")
-    homeserver: str = Field("", description='Homeserver URL, e.g. "https://matrix.example.org".')
-    user_id: str = Field("", description='The bot\'s Matrix ID, e.g. "@podbay:example.org".')
-    # Secrets: shown as ********** in repr, dumps and errors; read with get_secret_value().
-    password: SecretStr = Field(
-        SecretStr(""), description="Password for the first login (or use access_token)."
-    )
-    access_token: SecretStr = Field(
-        SecretStr(""), description="Access token instead of a password."
-    )
-    device_id: str = Field("", description="Device to log in as (empty: the server picks one).")
-    ambient_rooms: list[str] = Field(
-        default_factory=list,
-        description="Group rooms where freeform text needs no mention (room IDs).",
-    )
-    leave_when_alone: bool = Field(
-        True, description="Leave rooms where no user from [access] remains."
-    )
-    catch_up_max_age_s: int = Field(
-        600, ge=0, description="After downtime, older messages get 'missed while offline'."
-    )
-    sync_timeline_limit: int = Field(
-        200, ge=10, description="Events per room per sync (bursts beyond it are backfilled)."
-    )
-
-    @model_validator(mode="after")
-    def _credentials(self) -> MatrixTransportConfig:
-        if self.enabled:
-            missing = [k for k in ("homeserver", "user_id") if not getattr(self, k)]
-            if not (self.password.get_secret_value() or self.access_token.get_secret_value()):
-                missing.append("password or access_token")
-            if missing:
-                raise ValueError(f"expected {', '.join(missing)} when enabled = true")
-        return self
-
-
 _LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -466,9 +441,20 @@ class LogConfig(_Section):
     )
 
 
-class TransportsConfig(_Section):
-    console: ConsoleTransportConfig = Field(default_factory=ConsoleTransportConfig)
-    matrix: MatrixTransportConfig = Field(default_factory=MatrixTransportConfig)
+def _transports_model() -> type[Section]:
+    """``[transports]``: one section per installed transport plugin."""
+    fields: dict[str, Any] = {
+        name: (plugin.config, Field(default_factory=plugin.config, description=plugin.summary))
+        for name, plugin in discover().items()
+    }
+    model: type[Section] = create_model("TransportsConfig", __base__=Section, **fields)
+    return model
+
+
+if TYPE_CHECKING:
+    TransportsConfig = Section
+else:
+    TransportsConfig = _transports_model()
 
 
 class Settings(BaseSettings):
@@ -512,6 +498,34 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return _absolute(value)
+
+    def transport_config(self, name: str) -> TransportSection:
+        """The ``[transports.<name>]`` section of an installed transport plugin."""
+        section = getattr(self.transports, name, None)
+        if not isinstance(section, TransportSection):
+            raise ConfigError(f"no transport named {name!r} is installed")
+        return section
+
+    def secret_values(self) -> list[str]:
+        """Every secret set anywhere in the configuration (for redaction)."""
+        found: list[str] = []
+
+        def walk(value: object) -> None:
+            if isinstance(value, SecretStr):
+                if value.get_secret_value():
+                    found.append(value.get_secret_value())
+            elif isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(getattr(value, name))
+            elif isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, list | tuple):
+                for item in value:
+                    walk(item)
+
+        walk(self)
+        return found
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:

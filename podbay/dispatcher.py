@@ -354,64 +354,55 @@ class Dispatcher:
         outcome, note = "ok", ""
         status: InboxStatus = "done"
         try:
-            carries_secret = self.registry.has_secret(inbound.text)
-            if carries_secret:
-                await self._redact_secret(inbound)
-            if carries_secret and not inbound.is_direct:
-                kind = "control"
-                raise UserError(
-                    "Secrets such as `--token` are accepted only in a private 1:1 conversation "
-                    "with podbay. Nothing was done; revoke that token if others can read this "
-                    "room, and send the command again in a direct message."
-                )
-            parsed = self.registry.parse(
-                inbound.text,
-                mentioned=inbound.mentioned,
-                extra_aliases=inbound.aliases,
-                # "delete demo2 now" names a project: a mistyped command, never a prompt.
-                projects=await self.store.project_names(),
-            )
-            if isinstance(parsed, Freeform):
-                kind = "freeform"
-                if not parsed.addressed and not inbound.ambient:
-                    # Chatter in a group room that did not address the bot.
-                    await self.store.inbox_mark([inbox_id], "done", kind="ignored")
-                    return
-                if role < Role.OPERATOR:
-                    raise PermissionDenied(
-                        "Talking to the agent needs the operator role; "
-                        f"you are {role.with_article}."
+            if inbound.action is not None:
+                # A click: a typed decision, never parsed as text (nor fed to the agent).
+                invocation = self.registry.for_action(inbound.action)
+                kind = invocation.spec.kind
+                await self._command(inbound, role, invocation)
+            else:
+                carries_secret = self.registry.has_secret(inbound.text)
+                if carries_secret:
+                    await self._redact_secret(inbound)
+                if carries_secret and not inbound.is_direct:
+                    kind = "control"
+                    raise UserError(
+                        "Secrets such as `--token` are accepted only in a private 1:1 conversation "
+                        "with podbay. Nothing was done; revoke that token if others can read this "
+                        "room, and send the command again in a direct message."
                     )
-                # A secret never reaches the agent (nor runs.prompt, nor its echo).
-                await self._accept_freeform(
-                    state, inbox_id, inbound, self.registry.redact(parsed.text)
+                parsed = self.registry.parse(
+                    inbound.text,
+                    mentioned=inbound.mentioned,
+                    extra_aliases=inbound.aliases,
+                    # "delete demo2 now" names a project: a mistyped command, never a prompt.
+                    projects=await self.store.project_names(),
                 )
-                return
-            invocation = parsed
-            spec = parsed.spec
-            kind = spec.kind
-            if role < spec.role:
-                raise PermissionDenied(
-                    f"`{spec.name}` needs the {spec.role.label} role; you are {role.with_article}."
-                )
-            ctx = CommandContext(
-                inbound=inbound,
-                role=role,
-                engine=self.engine,
-                registry=self.registry,
-                settings=self.settings,
-                proposals=self.proposals,
-                control=self,
-                send=self.send,
-                edit=self.edit if self._can_edit(inbound.session) else None,
-            )
-            await spec.handler(ctx, parsed)
+                if isinstance(parsed, Freeform):
+                    kind = "freeform"
+                    if not parsed.addressed and not inbound.ambient:
+                        # Chatter in a group room that did not address the bot.
+                        await self.store.inbox_mark([inbox_id], "done", kind="ignored")
+                        return
+                    if role < Role.OPERATOR:
+                        raise PermissionDenied(
+                            "Talking to the agent needs the operator role; "
+                            f"you are {role.with_article}."
+                        )
+                    # A secret never reaches the agent (nor runs.prompt, nor its echo).
+                    await self._accept_freeform(
+                        state, inbox_id, inbound, self.registry.redact(parsed.text)
+                    )
+                    return
+                invocation = parsed
+                kind = parsed.spec.kind
+                await self._command(inbound, role, parsed)
         except UserError as exc:
             # Errors may quote what the user typed (a project name, a topic): never a secret
             # of it. (Redacting the error text itself would mangle "--token needs a value".)
             text = _without(str(exc), self.registry.secret_values(inbound.text))
             outcome = f"refused: {text}"
-            await self.send(inbound.session, Reply(text, "error"))
+            # Meant for whoever sent it: shown to them alone where the platform can.
+            await self.send(inbound.session, Reply(text, "error", private_to=inbound.sender))
         except Exception as exc:
             ref = secrets.token_hex(4)
             note = self.registry.redact(f"ref {ref}: {exc}")
@@ -429,14 +420,37 @@ class Dispatcher:
                 detail=self.registry.redact(inbound.text)[:500],
             )
 
+    async def _command(self, inbound: Inbound, role: Role, invocation: Invocation) -> None:
+        spec = invocation.spec
+        if role < spec.role:
+            raise PermissionDenied(
+                f"`{spec.name}` needs the {spec.role.label} role; you are {role.with_article}."
+            )
+        transport = self._transports.get(inbound.session.transport)
+        ctx = CommandContext(
+            inbound=inbound,
+            role=role,
+            engine=self.engine,
+            registry=self.registry,
+            settings=self.settings,
+            proposals=self.proposals,
+            control=self,
+            send=self.send,
+            edit=self.edit if self._can_edit(inbound.session) else None,
+            required_role=spec.role,
+            buttons=transport is not None and transport.capabilities.buttons,
+        )
+        await spec.handler(ctx, invocation)
+
     async def _redact_secret(self, inbound: Inbound) -> None:
         """Remove a message carrying a secret from the chat history, where podbay can."""
         transport = self._transports.get(inbound.session.transport)
-        redact = getattr(transport, "redact", None)
-        if transport is None or not transport.capabilities.redaction or redact is None:
+        if transport is None or not transport.capabilities.redaction:
             return
         try:
-            done = await redact(inbound.session, inbound.platform_id, "contained a secret")
+            done = await transport.redact(
+                inbound.session, inbound.platform_id, "contained a secret"
+            )
         except Exception:
             log.warning("redacting a secret in %s failed", inbound.session, exc_info=True)
             done = False

@@ -69,14 +69,31 @@ class Inbound:
     aliases: tuple[str, ...] = ()
     # False in busy group rooms: there, freeform text counts only when the bot is addressed.
     ambient: bool = True
-    # The message is a reaction (✅/❌) translated to `confirm`/`cancel`.
-    by_reaction: bool = False
+    # A button click or a reaction: a typed decision, not text. ``text`` then only says
+    # what it was ("confirm") for the inbox and the audit log.
+    action: Action | None = None
+
+
+ActionKind = Literal["confirm", "cancel"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """A decision taken by clicking (a Slack button, a ✅ reaction on Matrix).
+
+    ``target`` names what is decided: the id of a proposal for confirm/cancel. Whether the
+    one who clicked may decide is the command layer's call, never the transport's.
+    """
+
+    kind: ActionKind
+    target: str
 
 
 @dataclass(frozen=True)
 class Button:
     label: str
-    value: str
+    action: Action
+    style: Literal["primary", "danger", ""] = ""
 
 
 ReplyKind = Literal["info", "progress", "error", "agent", "confirm", "denied"]
@@ -84,11 +101,17 @@ ReplyKind = Literal["info", "progress", "error", "agent", "confirm", "denied"]
 
 @dataclass(frozen=True)
 class Reply:
-    """A Markdown reply. ``buttons`` are offered where the transport supports them."""
+    """A Markdown reply. ``buttons`` are offered where the transport supports them.
+
+    ``private_to`` marks a reply meant for one person only (connection details, an error
+    about their own request): a transport that can show it to them alone does (Slack's
+    ephemeral messages); others post it in the conversation as usual.
+    """
 
     text: str
     kind: ReplyKind = "info"
     buttons: tuple[Button, ...] = ()
+    private_to: Sender | None = None
 
 
 @dataclass(frozen=True)

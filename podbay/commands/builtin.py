@@ -9,7 +9,7 @@ from podbay.commands.context import CommandContext
 from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry
 from podbay.commands.roles import Role
 from podbay.commands.status import render_status
-from podbay.errors import UserError
+from podbay.errors import PermissionDenied, UserError
 
 CONTROL_COMMANDS = ("help", "status", "stop", "use", "whoami", "confirm", "cancel")
 
@@ -100,28 +100,51 @@ async def cmd_stop(ctx: CommandContext, inv: Invocation) -> None:
     await ctx.reply(await ctx.control.stop_session(ctx.session))
 
 
-def _own_proposal(ctx: CommandContext, verb: str) -> Proposal | None:
+def _own_proposal(ctx: CommandContext, verb: str) -> Proposal:
+    """The proposal this `confirm`/`cancel` decides, taken out; refuses anyone else's."""
+    timeout = int(ctx.proposals.timeout_s)
+    action = ctx.inbound.action
+    if action is not None:
+        # A click names its proposal: decide exactly that one, if the clicker may.
+        proposal = ctx.proposals.find(action.target)
+        if proposal is None or proposal.session != ctx.session:
+            raise UserError(
+                f"That request is no longer open: it was decided already, or it expired "
+                f"(requests expire after {timeout} s)."
+            )
+        if proposal.requester != ctx.sender.identity:
+            raise PermissionDenied(
+                f"Only {proposal.requester} can {verb} their request ({proposal.summary})."
+            )
+        if ctx.role < proposal.role:
+            raise PermissionDenied(
+                f"Deciding this needs the {proposal.role.label} role; you are "
+                f"{ctx.role.with_article}."
+            )
+        taken = ctx.proposals.take(proposal.session, proposal.requester)
+        assert taken is proposal
+        return proposal
     proposal = ctx.proposals.take(ctx.session, ctx.sender.identity)
     if proposal is not None:
         return proposal
-    if ctx.inbound.by_reaction:
-        return None  # someone else's ✅ on a prompt is ignored, not answered
     others = ctx.proposals.others(ctx.session, ctx.sender.identity)
     if others:
         raise UserError(
             f"Only {others[0].requester} can {verb} their request ({others[0].summary})."
         )
-    raise UserError(f"Nothing to {verb} (requests expire after {int(ctx.proposals.timeout_s)} s).")
+    raise UserError(f"Nothing to {verb} (requests expire after {timeout} s).")
 
 
 async def cmd_confirm(ctx: CommandContext, inv: Invocation) -> None:
-    if (proposal := _own_proposal(ctx, "confirm")) is not None:
-        await proposal.action()
+    proposal = _own_proposal(ctx, "confirm")
+    await ctx.decided(proposal, f"Confirmed by {ctx.sender.name}.")
+    await proposal.action()
 
 
 async def cmd_cancel(ctx: CommandContext, inv: Invocation) -> None:
-    if (proposal := _own_proposal(ctx, "cancel")) is not None:
-        await ctx.reply(f"Cancelled: {proposal.summary}")
+    proposal = _own_proposal(ctx, "cancel")
+    await ctx.decided(proposal, f"Cancelled by {ctx.sender.name}.")
+    await ctx.reply(f"Cancelled: {proposal.summary}")
 
 
 def register(registry: Registry) -> None:

@@ -7,13 +7,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from podbay.commands.confirm import Action, Proposals
+from podbay.commands.confirm import Action, Proposal, Proposals
 from podbay.commands.registry import Registry
 from podbay.commands.roles import Role
 from podbay.config import Settings
 from podbay.engine.core import Engine
 from podbay.engine.jobs import Work
-from podbay.messages import Inbound, MessageRef, Reply, ReplyKind, Sender, SessionKey
+from podbay.messages import Action as Decision
+from podbay.messages import Button, Inbound, MessageRef, Reply, ReplyKind, Sender, SessionKey
 from podbay.transports.base import TransportState
 
 Send = Callable[[SessionKey, Reply], Awaitable[MessageRef | None]]
@@ -79,6 +80,10 @@ class CommandContext:
     control: SessionControl
     send: Send
     edit: Edit | None = None
+    # The role the command being handled needs (a proposal keeps it for the decision).
+    required_role: Role = Role.VIEWER
+    # The transport offers buttons (a prompt's buttons are replaced by the decision).
+    buttons: bool = False
 
     @property
     def session(self) -> SessionKey:
@@ -88,8 +93,13 @@ class CommandContext:
     def sender(self) -> Sender:
         return self.inbound.sender
 
-    async def reply(self, text: str, kind: ReplyKind = "info") -> MessageRef | None:
-        return await self.send(self.session, Reply(text, kind))
+    async def reply(
+        self, text: str, kind: ReplyKind = "info", *, private: bool = False
+    ) -> MessageRef | None:
+        """Answer in this conversation; ``private`` is for the sender's eyes where possible."""
+        return await self.send(
+            self.session, Reply(text, kind, private_to=self.sender if private else None)
+        )
 
     def progress(self) -> ProgressMessage:
         return ProgressMessage(self.session, self.send, self.edit)
@@ -115,10 +125,27 @@ class CommandContext:
 
     async def propose(self, summary: str, action: Action) -> None:
         """Ask the requester to confirm ``summary``; ``action`` runs on `confirm`."""
-        replaced = self.proposals.propose(self.session, self.sender.identity, summary, action)
+        proposal, replaced = self.proposals.propose(
+            self.session, self.sender.identity, summary, action, role=self.required_role
+        )
         note = f"\n(This replaces your earlier request: {replaced.summary})" if replaced else ""
         timeout = int(self.proposals.timeout_s)
-        await self.reply(
-            f"{summary}\nReply `confirm` within {timeout} s to go ahead, or `cancel`.{note}",
-            "confirm",
+        if replaced is not None:
+            await self.decided(replaced, "replaced by a newer request")
+        proposal.prompt = await self.send(
+            self.session,
+            Reply(
+                f"{summary}\nReply `confirm` within {timeout} s to go ahead, or `cancel`.{note}",
+                "confirm",
+                buttons=(
+                    Button("Confirm", Decision("confirm", proposal.id), "danger"),
+                    Button("Cancel", Decision("cancel", proposal.id)),
+                ),
+            ),
         )
+
+    async def decided(self, proposal: Proposal, outcome: str) -> None:
+        """Replace a prompt's buttons with its outcome (where there were buttons)."""
+        if not self.buttons or self.edit is None or proposal.prompt is None:
+            return
+        await self.edit(proposal.prompt, Reply(f"{proposal.summary}\n{outcome}", "info"))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from podbay.commands.roles import Role
 from podbay.errors import UsageError
+from podbay.messages import Action
 from podbay.redact import DASHES, REDACTED, secret_option_name, secret_values
 from podbay.redact import has_secret as has_secret_in
 from podbay.redact import redact as redact_text
@@ -477,6 +478,13 @@ class Registry:
         return message
 
     # -- secrets ----------------------------------------------------------------------
+
+    def for_action(self, action: Action) -> Invocation:
+        """The command a click stands for (``confirm``/``cancel`` of a proposal)."""
+        spec = self._specs.get(action.kind)
+        if spec is None:
+            raise UsageError(f"Buttons for {action.kind!r} are not handled here.")
+        return Invocation(spec, {"proposal": action.target})
 
     def secret_options(self) -> set[str]:
         return {o.name for s in self._specs.values() for o in s.options if o.secret}

@@ -46,14 +46,8 @@ class Engine:
     ) -> None:
         self.store = store
         self.settings = settings
-        matrix = settings.transports.matrix
-        remember_secrets(
-            [
-                *settings.agent.resolved_env().values(),
-                _plain(matrix.password),
-                _plain(matrix.access_token),
-            ]
-        )
+        # Every secret of the configuration ([agent.env], each transport's tokens).
+        remember_secrets(settings.secret_values())
         # Every child podbay starts goes through this tracker: recorded in the store, killed
         # as a whole tree, and found again after a crash (kill_survivors at start-up).
         self.procs = ProcessTracker(store, scope=f"podbay-{instance_id(settings.data_dir)}")
@@ -226,9 +220,3 @@ class Engine:
             sessions=await self.store.sessions_recent(time.time() - 86400),
             notes=notes,
         )
-
-
-def _plain(value: object) -> str:
-    """A config secret as text (plain str today; SecretStr-ready)."""
-    getter = getattr(value, "get_secret_value", None)
-    return str(getter() if callable(getter) else value or "")

@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 import aiosqlite
 
 from podbay.errors import StoreError
-from podbay.messages import Inbound, Sender, SessionKey
+from podbay.messages import Action, Inbound, Sender, SessionKey
 
 __all__ = [
     "MIGRATIONS",
@@ -387,8 +387,14 @@ def inbound_from_json(raw: str) -> Inbound:
         mentioned=bool(data["mentioned"]),
         aliases=tuple(data.get("aliases") or ()),
         ambient=bool(data.get("ambient", True)),
-        by_reaction=bool(data.get("by_reaction", False)),
+        action=_action(data.get("action")),
     )
+
+
+def _action(data: object) -> Action | None:
+    if not isinstance(data, dict) or data.get("kind") not in ("confirm", "cancel"):
+        return None
+    return Action(kind=data["kind"], target=str(data.get("target", "")))
 
 
 def _inbox(row: sqlite3.Row) -> InboxRow:

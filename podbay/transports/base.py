@@ -173,6 +173,10 @@ class Transport(Protocol):
     async def typing(self, session: SessionKey, active: bool) -> None:
         """Show or clear a typing/working indicator (a no-op without ``capabilities.typing``)."""
 
+    async def redact(self, session: SessionKey, platform_id: str, reason: str) -> bool:
+        """Remove an inbound message from the chat history (one that carried a secret).
+        Returns whether it is gone; ``False`` without ``capabilities.redaction``."""
+
     async def stop(self) -> None:
         """Stop receiving and release every resource."""
 

@@ -25,8 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from pydantic import Field
+
+from podbay.configbase import TransportSection
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.transports.base import Capabilities, Health, Submit
+from podbay.transports.plugins import TransportContext, TransportPlugin
 from podbay.transports.render import markdown_to_plain
 
 if TYPE_CHECKING:
@@ -176,6 +180,9 @@ class ConsoleTransport:
     async def edit(self, ref: MessageRef, reply: Reply) -> MessageRef:
         return await self.send(ref.session, reply)
 
+    async def redact(self, session: SessionKey, platform_id: str, reason: str) -> bool:
+        return False  # the history is not podbay's to change
+
     async def typing(self, session: SessionKey, active: bool) -> None:
         return None
 
@@ -208,3 +215,19 @@ class ConsoleTransport:
         if self._consumer is not None and not self._consumer.done():
             self._consumer.cancel()
             await asyncio.gather(self._consumer, return_exceptions=True)
+
+
+class ConsoleTransportConfig(TransportSection):
+    enabled: bool = Field(False, description="Serve the local console in `podbay run`.")
+
+
+def _create(context: TransportContext) -> ConsoleTransport:
+    return ConsoleTransport()
+
+
+PLUGIN = TransportPlugin(
+    name="console",
+    config=ConsoleTransportConfig,
+    create=_create,
+    summary="The local console (stdin/stdout).",
+)

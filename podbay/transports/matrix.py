@@ -28,15 +28,20 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from podbay.commands.roles import role_for
-from podbay.config import MatrixTransportConfig, Settings
+from pydantic import Field, SecretStr, model_validator
+
+from podbay.configbase import TransportSection
 from podbay.errors import TransportError
-from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
+from podbay.messages import Action, ActionKind, Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.retry import Backoff, describe, is_transient
 from podbay.transports.base import Capabilities, Health, Submit, TransportFailed
+from podbay.transports.plugins import DoctorReport, TransportContext, TransportPlugin
 from podbay.transports.render import markdown_to_html, markdown_to_plain, split_markdown
+
+if TYPE_CHECKING:
+    from podbay.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,43 @@ FATAL_ERRCODES = frozenset(
         "M_INVALID_USERNAME",
     }
 )
+
+
+class MatrixTransportConfig(TransportSection):
+    enabled: bool = Field(False, description="Serve Matrix rooms in `podbay run`.")
+    homeserver: str = Field("", description='Homeserver URL, e.g. "https://matrix.example.org".')
+    user_id: str = Field("", description='The bot\'s Matrix ID, e.g. "@podbay:example.org".')
+    # Secrets: shown as ********** in repr, dumps and errors; read with get_secret_value().
+    password: SecretStr = Field(
+        SecretStr(""), description="Password for the first login (or use access_token)."
+    )
+    access_token: SecretStr = Field(
+        SecretStr(""), description="Access token instead of a password."
+    )
+    device_id: str = Field("", description="Device to log in as (empty: the server picks one).")
+    ambient_rooms: list[str] = Field(
+        default_factory=list,
+        description="Group rooms where freeform text needs no mention (room IDs).",
+    )
+    leave_when_alone: bool = Field(
+        True, description="Leave rooms where no user from [access] remains."
+    )
+    catch_up_max_age_s: int = Field(
+        600, ge=0, description="After downtime, older messages get 'missed while offline'."
+    )
+    sync_timeline_limit: int = Field(
+        200, ge=10, description="Events per room per sync (bursts beyond it are backfilled)."
+    )
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MatrixTransportConfig:
+        if self.enabled:
+            missing = [k for k in ("homeserver", "user_id") if not getattr(self, k)]
+            if not (self.password.get_secret_value() or self.access_token.get_secret_value()):
+                missing.append("password or access_token")
+            if missing:
+                raise ValueError(f"expected {', '.join(missing)} when enabled = true")
+        return self
 
 
 class MatrixTransport:
@@ -83,7 +125,7 @@ class MatrixTransport:
         self._submit: Submit | None = None
         self._task: asyncio.Task[None] | None = None
         self._typing: dict[str, asyncio.Task[None]] = {}
-        self._confirmations: dict[str, str] = {}  # event id of a confirm prompt -> room
+        self._confirmations: dict[str, str] = {}  # event id of a prompt -> proposal id
         self.user_id = config.user_id
         self.ready = asyncio.Event()
         self._started_at = 0.0
@@ -91,13 +133,9 @@ class MatrixTransport:
         self.typing_timeout_ms = TYPING_TIMEOUT_MS
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> MatrixTransport:
+    def from_context(cls, context: TransportContext) -> MatrixTransport:
         """The transport ``[transports.matrix]`` describes; invites follow ``[access]``."""
-        return cls(
-            settings.transports.matrix,
-            settings.data_dir,
-            lambda identity: role_for(identity, settings.access) is not None,
-        )
+        return cls(context.config("matrix"), context.settings.data_dir, context.is_allowed)
 
     # -- persistence ------------------------------------------------------------------
 
@@ -420,8 +458,10 @@ class MatrixTransport:
     async def _reaction(self, room_id: str, event: Any) -> str:
         relates = event.source.get("content", {}).get("m.relates_to", {})
         key, target = relates.get("key", ""), relates.get("event_id", "")
-        answer = {"✅": "confirm", "✔️": "confirm", "❌": "cancel"}.get(key)
-        if answer is None or target not in self._confirmations:
+        answers: dict[str, ActionKind] = {"✅": "confirm", "✔️": "confirm", "❌": "cancel"}
+        answer = answers.get(key)
+        proposal = self._confirmations.get(target)
+        if answer is None or proposal is None:
             return "ignored"
         room = self._client.rooms.get(room_id)
         display = room.user_name(event.sender) if room is not None else None
@@ -434,7 +474,7 @@ class MatrixTransport:
                 platform_id=event.event_id,
                 is_direct=room is not None and room.member_count == 2,
                 mentioned=True,
-                by_reaction=True,
+                action=Action(answer, proposal),
             )
         )
         return "submitted"
@@ -502,8 +542,12 @@ class MatrixTransport:
                 ),
             )
             ids.append(response.event_id)
-        if reply.kind == "confirm" and ids:
-            self._confirmations[ids[-1]] = session.conversation
+        proposal = next(
+            (b.action.target for b in reply.buttons if b.action.kind == "confirm"), None
+        )
+        if proposal is not None and ids:
+            # A ✅/❌ reaction on the prompt decides exactly this proposal.
+            self._confirmations[ids[-1]] = proposal
             if len(self._confirmations) > 1000:  # bounded: old prompts have expired anyway
                 self._confirmations.pop(next(iter(self._confirmations)))
         return MessageRef(session, tuple(ids))
@@ -564,3 +608,48 @@ def _describe_response(response: Any) -> str:
     message = getattr(response, "message", None) or "unknown error"
     text = f"{code}: {message}" if code else message
     return f"HTTP {status} ({text})" if isinstance(status, int) else text
+
+
+async def _doctor(settings: Settings, cfg: MatrixTransportConfig) -> DoctorReport:
+    """Whether the homeserver answers and still accepts podbay's access token."""
+    import aiohttp
+
+    state_file = settings.data_dir / "matrix" / "state.json"
+    token = cfg.access_token.get_secret_value()
+    if state_file.exists():
+        token = json.loads(state_file.read_text()).get("access_token") or token
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.get(f"{cfg.homeserver}/_matrix/client/versions") as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}")
+            if token:
+                async with http.get(
+                    f"{cfg.homeserver}/_matrix/client/v3/account/whoami",
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response:
+                    if response.status != 200:
+                        return _problem(
+                            f"Matrix rejects podbay's access token (HTTP {response.status})",
+                            "set a fresh `transports.matrix.access_token`, or delete "
+                            f"{state_file} to log in again with the password",
+                        )
+    except Exception as exc:
+        return _problem(
+            f"Matrix homeserver {cfg.homeserver} not reachable: {exc}",
+            "check `transports.matrix.homeserver` and the network",
+        )
+    return DoctorReport(notes=[f"Matrix homeserver {cfg.homeserver} answers"])
+
+
+def _problem(problem: str, fix: str) -> DoctorReport:
+    return DoctorReport(problems=[(problem, fix)])
+
+
+PLUGIN = TransportPlugin(
+    name="matrix",
+    config=MatrixTransportConfig,
+    create=MatrixTransport.from_context,
+    doctor=_doctor,
+    summary="Matrix rooms (matrix-nio).",
+)

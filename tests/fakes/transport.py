@@ -62,6 +62,9 @@ class MemoryTransport:
     async def edit(self, ref: MessageRef, reply: Reply) -> MessageRef:
         return await self.send(ref.session, reply)
 
+    async def redact(self, session: SessionKey, platform_id: str, reason: str) -> bool:
+        return False  # the history is not podbay's to change
+
     async def typing(self, session: SessionKey, active: bool) -> None:
         self.typing_calls.append((session, active))
 

@@ -298,7 +298,7 @@ class FakeSlack:
             "api_app_id": APP_ID,
             "is_enterprise_install": "false",
             "response_url": self.response_url(response_key),
-            "trigger_id": "1.2.fake",
+            "trigger_id": f"1.{uuid.uuid4().hex[:12]}",
         }
 
     def event_callback(self, event: dict[str, Any]) -> dict[str, Any]:

@@ -120,7 +120,8 @@ async def cmd_ssh(ctx: CommandContext, inv: Invocation) -> None:
     project = await ctx.engine.project(inv.args["project"])
     target = await manager.ssh_target(project)
     await manager.require_container(project.name)
-    await ctx.reply(connection_info(target))
+    # Connection details are for whoever asked (ephemeral where the platform has it).
+    await ctx.reply(connection_info(target), private=True)
 
 
 async def cmd_logs(ctx: CommandContext, inv: Invocation) -> None:

@@ -11,6 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from conftest import ALICE, BOB, EVE, World, block_actions, message_event
 
 from podbay.config import Settings
@@ -283,3 +284,33 @@ def test_slack_markup_becomes_what_the_user_typed() -> None:
     assert plain_text("ask <@U1|bob> in <#C1|general>", "UPODBAY") == "ask @bob in #general"
     assert plain_text("see <http://github.com|github.com>") == "see github.com"
     assert plain_text("<mailto:git@example.org|git@example.org>:a/b") == "git@example.org:a/b"
+
+
+async def test_doctor_checks_the_token_and_prints_the_request_url(tmp_path: Path) -> None:
+    from fakes.slack_api import FakeSlack
+
+    from podbay.transports.plugins import discover
+
+    plugin = discover()["slack"]
+    assert plugin.doctor is not None
+    async with FakeSlack() as fake:
+        settings = Settings(
+            data_dir=tmp_path,
+            http={"public_url": "https://bot.example.org"},
+            transports={
+                "slack": {
+                    "enabled": True,
+                    "bot_token": fake.bot_token,
+                    "signing_secret": "s",
+                    "api_base_url": fake.base_url,
+                }
+            },
+        )
+        report = await plugin.doctor(settings, settings.transport_config("slack"))
+        assert report.problems == []
+        assert any("https://bot.example.org/slack/events" in n for n in report.notes)
+        wrong = settings.transport_config("slack").model_copy(
+            update={"bot_token": SecretStr("xoxb-wrong")}
+        )
+        report = await plugin.doctor(settings, wrong)
+        assert any("rejects the bot token" in p for p, _ in report.problems)

@@ -11,8 +11,8 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 from conftest import ALICE, BOB, EVE, World, block_actions, message_event
+from pydantic import SecretStr
 
 from podbay.config import Settings
 from podbay.errors import ConfigError

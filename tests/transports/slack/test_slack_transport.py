@@ -314,3 +314,27 @@ async def test_doctor_checks_the_token_and_prints_the_request_url(tmp_path: Path
         )
         report = await plugin.doctor(settings, wrong)
         assert any("rejects the bot token" in p for p, _ in report.problems)
+
+
+async def test_tool_progress_edits_one_message_and_the_last_edit_lands(
+    slack_world: World,
+) -> None:
+    from podbay.engine.agents import FinishedEvent, TextEvent, ToolEvent
+
+    tools = [ToolEvent("Bash", f"🔧 step {i}", "") for i in range(1, 8)]
+    slack_world.agent.script = [*tools, TextEvent("all done"), FinishedEvent(ok=True)]
+    await slack_world.event(message_event("<@UPODBAY> please build it"))
+    await reply_with(slack_world, "all done")
+    progress = posted(slack_world, "step 1")
+    assert len(progress) == 1, "tool lines go into one message"
+    (first,) = [c for c in slack_world.fake.calls_to("chat.postMessage") if "step 1" in str(c.args)]
+    assert first.response is not None
+    ts = first.response["ts"]
+    # Edits of that message (throttled): whichever were coalesced, the last one shows step 7.
+    await slack_world.fake.wait_for(
+        "chat.update", lambda c: c.args["ts"] == ts and "step 7" in json.dumps(c.args)
+    )
+    assert "step 7" in json.dumps(slack_world.fake.message("C0001", ts))
+    assert not posted(slack_world, "step 7")  # never posted as a message of its own
+    updates = [c for c in slack_world.fake.calls_to("chat.update") if c.args["ts"] == ts]
+    assert len(updates) < len(tools)

@@ -399,7 +399,10 @@ class SlackTransport:
         direct = event.get("channel_type") == "im" or channel.startswith("D")
         thread = str(event.get("thread_ts") or "")
         session = SessionKey(self.name, channel, thread if thread and thread != ts else "")
-        self._latest[session] = ts
+        self._latest.pop(session, None)
+        self._latest[session] = ts  # newest last: the oldest sessions are forgotten first
+        if len(self._latest) > 5000:
+            self._latest.pop(next(iter(self._latest)))
         await self._deliver(
             Inbound(
                 session=session,

@@ -35,7 +35,7 @@ from podbay.engine.store import InboxRow, InboxStatus, ProjectRow, SessionRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.redact import REDACTED
-from podbay.transports.base import Supervised, Transport, TransportState
+from podbay.transports.base import DeliveryRefused, Supervised, Transport, TransportState
 from podbay.transports.render import code_block
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class ActiveRun:
     messages: int
     started: float
     project: str = ""
+    # A reply of this run was refused by the platform (recorded once on the run).
+    undelivered: bool = False
 
 
 @dataclass
@@ -206,9 +208,25 @@ class Dispatcher:
             return None
         try:
             return await transport.send(session, reply)
+        except DeliveryRefused as exc:
+            log.warning("a reply to %s was refused: %s", session, exc)
+            await self._record_refusal(session, str(exc))
+            return None
         except Exception:
             log.exception("sending a reply to %s failed", session)
             return None
+
+    async def _record_refusal(self, session: SessionKey, reason: str) -> None:
+        """Note on the session's run (once per run) that its replies did not arrive."""
+        state = self._sessions.get(session)
+        running = state.running if state is not None else None
+        if running is None or running.undelivered:
+            return
+        running.undelivered = True
+        try:
+            await self.store.run_event(running.run_id, "undelivered", self.registry.redact(reason))
+        except Exception:
+            log.exception("recording an undelivered reply on run %s failed", running.run_id)
 
     async def _notify(self, session: SessionKey, text: str) -> None:
         await self.send(session, Reply(text, "error"))

@@ -31,6 +31,12 @@ class TransportFailed(TransportError):
     """The transport cannot go on and retrying will not help (e.g. rejected credentials)."""
 
 
+class DeliveryRefused(TransportError):
+    """The platform refused this reply for a reason no retry fixes (WhatsApp's closed
+    24-hour customer-service window). The transport does not retry it; the dispatcher logs
+    it and records it, once, on the conversation's current run."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     max_message_length: int = 4000

@@ -100,9 +100,10 @@ def test_a_transport_from_another_package_plugs_in(tmp_path: Path) -> None:
 
 
 def test_built_in_transports_are_plugins_and_init_writes_their_sections(tmp_path: Path) -> None:
-    assert {"console", "matrix", "slack"} <= set(discover())
+    assert {"console", "matrix", "slack", "whatsapp"} <= set(discover())
     text = default_config_toml()
-    for section in ("[transports.console]", "[transports.matrix]", "[transports.slack]"):
+    for name in ("console", "matrix", "slack", "whatsapp"):
+        section = f"[transports.{name}]"
         assert section in text
     config = tmp_path / "config.toml"
     config.write_text(text)

@@ -128,9 +128,10 @@ async def test_confirm_by_button_for_the_requester_only(meta_world: World) -> No
     assert prompt["type"] == "interactive"
     buttons = prompt["interactive"]["action"]["buttons"]
     confirm = next(b["reply"] for b in buttons if b["reply"]["title"] == "Confirm")
-    # Bob (an operator, not the requester) presses a copy of the button: refused.
+    # Bob (an operator) presses a forged copy of the button in his own chat: refused there.
     await meta_world.meta(graph.button_reply(confirm["id"], "Confirm", wa_id=BOB))
-    await graph_text(meta_world, "Only whatsapp:+15550001111 can confirm")
+    refusal = await graph_text(meta_world, "no longer open")
+    assert refusal["to"] == BOB
     assert meta_world.wiped == []
     await meta_world.meta(graph.button_reply(confirm["id"], "Confirm", wa_id=EVE))
     await graph_text(meta_world, "not allowed")
@@ -150,31 +151,21 @@ async def test_a_closed_24h_window_is_recorded_once_and_not_retried(meta_world: 
     ]
     graph.fail_next(status=400, code=131047, message="Re-engagement message", times=10)
     await meta_world.say("do it")
-    run = await meta_world.agent.next_started()
-    await asyncio.wait_for(_until(lambda: run.done), 10)
-    store = meta_world.bot.store
-    assert store is not None
-
-    async def recorded() -> list[tuple[int, str, str]]:
-        row = (await store.runs_recent(limit=1))[0]
-        return [e for e in await store.run_events(row.id) if e[1] == "undelivered"]
-
-    await asyncio.wait_for(_until_async(recorded), 10)
-    events = await recorded()
+    # Every reply of the run is refused (read receipts too); wait for the run to end.
+    await graph.wait_for(lambda c: c.error_code == 131047 and c.kind == "text", count=2)
+    dispatcher, store = meta_world.bot.dispatcher, meta_world.bot.store
+    assert dispatcher is not None and store is not None
+    await asyncio.wait_for(dispatcher.drain(), 10)
+    (run,) = await store.runs_recent(limit=1)
+    events = [e for e in await store.run_events(run.id) if e[1] == "undelivered"]
     assert len(events) == 1 and "24-hour" in events[0][2]
-    failed = [c for c in graph.calls if c.failed and c.error_code == 131047]
-    sends = [c for c in graph.calls if c.body.get("type") == "text"]
-    assert len(failed) == len(sends), "a refused reply is never retried"
-
-
-async def _until(done: Any) -> None:
-    while not done():
-        await asyncio.sleep(0.02)
-
-
-async def _until_async(check: Any) -> None:
-    while not await check():
-        await asyncio.sleep(0.05)
+    assert meta_world.bot.engine is not None
+    _, output = await meta_world.bot.engine.run_details(run.id)  # what `run <id>` shows
+    assert any("24-hour" in line for line in output)
+    sends = [c for c in graph.calls if c.kind == "text"]
+    assert len(sends) >= 2 and all(c.error_code == 131047 for c in sends)
+    bodies = [c.body["text"]["body"] for c in sends]
+    assert len(bodies) == len(set(bodies)), "a refused reply is never retried"
 
 
 async def test_twilio_signed_webhook_is_answered_in_1600_char_segments(
@@ -296,3 +287,25 @@ def test_twilio_signature_matches_the_documented_algorithm() -> None:
         "To": "+18005551212",
     }
     assert twilio_signature(url, params, "12345") == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+
+
+async def test_doctor_prints_the_callback_url(tmp_path: Path) -> None:
+    from podbay.config import Settings
+    from podbay.transports.plugins import discover
+
+    plugin = discover()["whatsapp"]
+    assert plugin.doctor is not None
+    for provider, path, extra in (
+        ("meta", META_PATH, {"verify_token": "v", "app_secret": "a", "access_token": "t",
+                              "phone_number_id": "1"}),
+        ("twilio", TWILIO_PATH, {"account_sid": "AC1", "auth_token": "t",
+                                 "from_number": "whatsapp:+15550100"}),
+    ):  # fmt: skip
+        settings = Settings(
+            data_dir=tmp_path,
+            http={"public_url": PUBLIC},
+            transports={"whatsapp": {"enabled": True, "provider": provider, **extra}},
+        )
+        report = await plugin.doctor(settings, settings.transport_config("whatsapp"))
+        assert any(f"{PUBLIC}{path}" in note for note in report.notes)
+        assert report.problems == []

@@ -52,8 +52,8 @@ ACK_GOAL = 1.2  # the [bench] issue: podbay's ack within 1.2x the bare slack_bol
 
 
 def _slack_conftest() -> Any:
-    """tests/transports/slack/conftest.py, loaded by path (``conftest`` names several files)."""
-    path = ROOT / "tests" / "transports" / "slack" / "conftest.py"
+    """tests/transports/slack/slack_world.py, loaded by path (it is not on sys.path here)."""
+    path = ROOT / "tests" / "transports" / "slack" / "slack_world.py"
     spec = importlib.util.spec_from_file_location("slack_conftest", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -75,6 +76,8 @@ class Podbay:
         self.engine: Engine | None = None
         self.dispatcher: Dispatcher | None = None
         self._started: list[Transport] = []
+        # Set after each retention pass (tests and `status` may wait for the first).
+        self.pruned = asyncio.Event()
         # Watches every transport; `podbay run` ends when one has failed for good.
         self.supervisor = Supervisor(settings.data_dir)
 
@@ -134,9 +137,24 @@ class Podbay:
                 self.engine.projects.cancel_runs = self.dispatcher.cancel_project_runs
                 await self._start_background(self.engine, self.dispatcher)
             await self.dispatcher.recover(survivors)
+            self._background.append(asyncio.create_task(self._prune_forever(), name="prune"))
         except BaseException:
             await self.stop()
             raise
+
+    async def _prune_forever(self) -> None:
+        """Retention: old inbox rows, run events and audit entries go, at start and then
+        every ``store.prune_interval_s`` (``store.retention_days = 0`` keeps everything)."""
+        cfg = self.settings.store
+        while cfg.retention_days > 0 and self.store is not None:
+            try:
+                pruned = await self.store.prune(time.time() - cfg.retention_days * 86400)
+                if any(pruned.values()):
+                    log.info("pruned rows older than %g days: %s", cfg.retention_days, pruned)
+            except Exception:
+                log.exception("pruning old rows failed")
+            self.pruned.set()
+            await asyncio.sleep(cfg.prune_interval_s)
 
     async def _start_background(self, engine: Engine, dispatcher: Dispatcher) -> None:
         manager = engine.projects

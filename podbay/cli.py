@@ -10,8 +10,10 @@ import logging.handlers
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from podbay.engine.core import Engine
 from podbay.engine.docker import DockerProvisioner
 from podbay.engine.lifecycle import ProjectManager
 from podbay.engine.ssh import ssh_config_block
-from podbay.engine.store import Store
+from podbay.engine.store import Store, backup_database
 from podbay.errors import ConfigError, PodbayError, UserError
 from podbay.redact import RedactingFormatter
 from podbay.supervisor import read_published
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         "images": "prebuild images: images build [--stack S | --all]",
         "trash": "list, restore or empty purged project sources",
         "ssh-config": "print an ~/.ssh/config block for every project",
+        "backup": "write a consistent copy of the database: backup PATH",
     }
     for name, help_text in subcommands.items():
         child = sub.add_parser(name, help=help_text)
@@ -90,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         elif name == "trash":
             child.add_argument("action", nargs="?", choices=["list", "restore", "empty"])
             child.add_argument("entry", nargs="?", help="the entry to restore")
+        elif name == "backup":
+            child.add_argument("path", type=Path, help="the file to write (not overwritten)")
+            child.add_argument("--force", action="store_true", help="overwrite PATH")
         elif name == "ssh-config":
             child.add_argument(
                 "--write",
@@ -184,12 +190,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_trash(settings, args.action or "list", args.entry))
         if command == "ssh-config":
             return asyncio.run(_ssh_config(settings, write=args.write))
+        if command == "backup":
+            return _backup(settings, args.path, force=args.force)
     except PodbayError as exc:
         print(f"podbay: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     raise AssertionError(command)
+
+
+def _backup(settings: Settings, path: Path, *, force: bool) -> int:
+    """``podbay backup PATH``: SQLite's online backup, safe while podbay runs."""
+    dest = path.expanduser().absolute()
+    if dest.is_dir():
+        dest = dest / f"podbay-{time.strftime('%Y%m%d-%H%M%S')}.db"
+    if dest.exists() and not force:
+        print(f"podbay: {dest} already exists; pass --force to overwrite it.", file=sys.stderr)
+        return 1
+    if not dest.parent.is_dir():
+        print(f"podbay: {dest.parent} is not a directory; create it first.", file=sys.stderr)
+        return 1
+    try:
+        pages = backup_database(database_path(settings), dest)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"podbay: the backup to {dest} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"Wrote a consistent copy of {database_path(settings)} to {dest} ({pages} pages).")
+    print("To restore: stop podbay, replace the database file with the copy (remove its")
+    print("-wal and -shm files), then start podbay again.")
+    return 0
 
 
 def _init(config_path: Path | None, *, force: bool) -> int:

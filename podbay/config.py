@@ -95,6 +95,11 @@ class DispatcherConfig(_Section):
         ge=256,
         description="Longer inbound messages are refused with a reply (UTF-8 bytes).",
     )
+    rate_limit_per_minute: int = Field(
+        60,
+        ge=0,
+        description="Messages one sender may send per minute (0: no limit; not the console).",
+    )
     max_queued_messages: int = Field(
         20, ge=1, description="Freeform messages that may wait per session; more are refused."
     )
@@ -313,6 +318,17 @@ class AgentConfig(_Section):
         return {name: secret.get_secret_value() for name, secret in self.env.items()}
 
 
+class StoreConfig(_Section):
+    retention_days: float = Field(
+        30,
+        ge=0,
+        description="Inbox, run events and audit rows older than this are pruned (0: keep).",
+    )
+    prune_interval_s: float = Field(
+        3600, gt=0, description="How often old rows are pruned (and once at start)."
+    )
+
+
 class HttpConfig(_Section):
     host: str = Field("127.0.0.1", description="Address of the webhook server (Slack, WhatsApp).")
     port: int = Field(8765, ge=0, le=65535, description="Port of the webhook server (0: any).")
@@ -474,6 +490,7 @@ class Settings(BaseSettings):
     access: AccessConfig = Field(default_factory=AccessConfig)
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     projects: ProjectsConfig = Field(default_factory=ProjectsConfig)
     docker: DockerConfig = Field(default_factory=DockerConfig)

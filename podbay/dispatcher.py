@@ -34,6 +34,7 @@ from podbay.engine.runs import RunPlan
 from podbay.engine.store import InboxRow, InboxStatus, ProjectRow, SessionRow
 from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
+from podbay.ratelimit import RateLimiter
 from podbay.redact import REDACTED
 from podbay.transports.base import DeliveryRefused, Supervised, Transport, TransportState
 from podbay.transports.render import code_block
@@ -181,7 +182,8 @@ class Dispatcher:
         # processes behind) reaches the conversation through this.
         engine.runs.notify = self._notify
         # Counters a user (or `status`) can see; never reset while running.
-        self.stats = {"runs": 0, "refused": 0, "redeliveries": 0, "denied": 0}
+        self.stats = {"runs": 0, "refused": 0, "redeliveries": 0, "denied": 0, "rate_limited": 0}
+        self._rate = RateLimiter(self._cfg.rate_limit_per_minute, clock)
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -299,6 +301,8 @@ class Dispatcher:
             self.stats["redeliveries"] += 1
             log.debug("redelivery of %s/%s dropped", inbound.session.transport, inbound.platform_id)
             return
+        if not await self._within_rate(inbox_id, inbound):
+            return
         if self._closed:
             return  # stays "received": the next start dispatches it
         if not self._accepting:
@@ -307,6 +311,36 @@ class Dispatcher:
         if inbox_id in self._replayed:
             return  # stored before recovery read the inbox: recovery dispatched it
         self._enqueue(inbox_id, inbound)
+
+    async def _within_rate(self, inbox_id: int, inbound: Inbound) -> bool:
+        """Count the message against its sender's limit; over it, it is recorded and
+        dropped, and the sender is told once (the local console has no limit)."""
+        transport = self._transports.get(inbound.session.transport)
+        if isinstance(transport, Supervised) and transport.health.state.local:
+            return True
+        identity = inbound.sender.identity
+        verdict = self._rate.check(identity)
+        if verdict == "ok":
+            return True
+        self.stats["rate_limited"] += 1
+        try:
+            await self.store.inbox_mark([inbox_id], "done", kind="rate-limited")
+        except Exception:
+            log.exception("recording a rate-limited message from %s failed", identity)
+        if verdict == "tripped" and role_for(identity, self.settings.access) is not None:
+            limit = self._rate.per_minute
+            wait = max(1, round(self._rate.retry_in(identity)))
+            await self.send(
+                inbound.session,
+                Reply(
+                    f"You are sending messages faster than podbay accepts ({limit} a minute, "
+                    f"`dispatcher.rate_limit_per_minute`). Nothing you send in the next "
+                    f"{wait} s is done; send it again after that.",
+                    "error",
+                    private_to=inbound.sender,
+                ),
+            )
+        return False
 
     async def _refuse(self, inbound: Inbound, stored: str, note: str, reply: str) -> None:
         """Record a message that cannot be handled (redeliveries stay dropped), and say why."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -1395,6 +1396,25 @@ class Store:
                 ),
             )
 
+    # ---------------------------------------------------------------- retention
+
+    async def prune(self, before: float) -> dict[str, int]:
+        """Delete what is older than ``before`` and done with: inbox rows in a final state,
+        events of finished runs, audit entries. Returns how many rows went per table."""
+        async with self._tx():
+            inbox, _ = await self._execute(
+                "DELETE FROM inbox WHERE status IN ('done', 'failed', 'interrupted')"
+                " AND updated_at < ?",
+                (before,),
+            )
+            events, _ = await self._execute(
+                "DELETE FROM run_events WHERE at < ? AND run_id IN"
+                " (SELECT id FROM runs WHERE status NOT IN ('pending', 'running'))",
+                (before,),
+            )
+            audit, _ = await self._execute("DELETE FROM audit WHERE at < ?", (before,))
+        return {"inbox": inbox, "run_events": events, "audit": audit}
+
     async def audit_recent(self, limit: int = 20) -> list[AuditRow]:
         """The latest audit entries, newest first."""
         async with self._lock:
@@ -1519,3 +1539,35 @@ def _process_row(row: sqlite3.Row) -> ProcessRow:
         started_at=row["started_at"],
         ended_at=row["ended_at"],
     )
+
+
+def backup_database(source: Path, dest: Path) -> int:
+    """A consistent copy of the database at ``source`` in ``dest``, taken with SQLite's
+    online backup API (safe while podbay runs and writes). Written next to ``dest`` and
+    renamed into place, mode 0600, checked with ``PRAGMA integrity_check``. Returns the
+    number of pages copied. Blocking: call it in a thread."""
+    if not source.exists():
+        raise StoreError(f"there is no database at {source}: nothing to back up")
+    tmp = dest.with_name(f".{dest.name}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+                pages = int(dst.execute("PRAGMA page_count").fetchone()[0])
+                check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+                if check != "ok":
+                    raise StoreError(f"the copy failed its integrity check: {check}")
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+    return pages

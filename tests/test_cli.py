@@ -230,17 +230,28 @@ def test_readme_documents_every_config_key(project_root: Path) -> None:
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_run_stops_cleanly_on_signals(tmp_path: Path, signal_name: str) -> None:
     import signal
-    import time
+    import threading
 
     proc = start_run(tmp_path, clean_env(tmp_path))
-    assert proc.stdin is not None
+    assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("whoami\n")
     proc.stdin.flush()
-    time.sleep(1.5)
+    # Signal once podbay is serving: its answer to `whoami` is the proof (a watchdog ends a
+    # podbay that never answers, so the read cannot hang).
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        seen = ""
+        for line in proc.stdout:
+            seen += line
+            if "You are console:" in line:
+                break
+    finally:
+        watchdog.cancel()
+    assert "You are console:" in seen
     proc.send_signal(getattr(signal, signal_name))
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "You are console:" in out
 
 
 def test_sigterm_during_a_run_cancels_it_records_it_and_kills_the_agent(tmp_path: Path) -> None:

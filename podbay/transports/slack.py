@@ -19,8 +19,8 @@ buttons, over the HTTP Events API or Socket Mode.
   an Inbound with that action. Whether the clicker may decide is the command layer's call.
 - **Working indicator.** While an agent runs, the message that started it carries
   ``:hourglass_flowing_sand:``.
-- **Errors.** Web API calls retry 429s (``Retry-After``) and connection errors through
-  slack_sdk's retry handlers. A call that still fails is logged with its method and
+- **Errors.** Web API calls retry 429s (``Retry-After``), 500/503 and connection errors
+  through slack_sdk's retry handlers. A call that still fails is logged with its method and
   Slack's error code, never a token.
 """
 
@@ -203,6 +203,7 @@ class SlackTransport:
         from slack_sdk.http_retry.builtin_async_handlers import (
             AsyncConnectionErrorRetryHandler,
             AsyncRateLimitErrorRetryHandler,
+            AsyncServerErrorRetryHandler,
         )
         from slack_sdk.web.async_client import AsyncWebClient
 
@@ -213,6 +214,8 @@ class SlackTransport:
             retry_handlers=[
                 AsyncConnectionErrorRetryHandler(max_retry_count=2),
                 AsyncRateLimitErrorRetryHandler(max_retry_count=3),
+                # 500 and 503: Slack did not take the call; retried with backoff.
+                AsyncServerErrorRetryHandler(max_retry_count=3),
             ],
         )
         http_mode = cfg.mode == "http"

@@ -338,3 +338,11 @@ async def test_tool_progress_edits_one_message_and_the_last_edit_lands(
     assert not posted(slack_world, "step 7")  # never posted as a message of its own
     updates = [c for c in slack_world.fake.calls_to("chat.update") if c.args["ts"] == ts]
     assert len(updates) < len(tools)
+
+
+async def test_server_errors_are_retried_and_the_reply_is_sent_once(slack_world: World) -> None:
+    slack_world.fake.fail_next("chat.postMessage", status=503, times=2)
+    assert await slack_world.command("whoami") == 200
+    await reply_with(slack_world, "slack:UALICE")
+    attempts = slack_world.fake.calls_to("chat.postMessage")
+    assert [c.failed for c in attempts] == [True, True, False]

@@ -471,6 +471,16 @@ class Dispatcher:
                 target=self.registry.redact(next(iter(invocation.args.values()), ""))[:200],
                 detail=self.registry.redact(inbound.text)[:500],
             )
+        elif outcome != "ok":
+            # Refused without a command (freeform from a viewer, a secret in a group room):
+            # on record like every refusal.
+            await self.store.audit(
+                identity,
+                kind or "message",
+                outcome[:300],
+                session=inbound.session,
+                detail=self.registry.redact(inbound.text)[:500],
+            )
 
     async def _command(self, inbound: Inbound, role: Role, invocation: Invocation) -> None:
         spec = invocation.spec

@@ -35,6 +35,7 @@ from pydantic import Field, SecretStr, model_validator
 from podbay.configbase import TransportSection
 from podbay.errors import TransportError
 from podbay.messages import Action, ActionKind, Inbound, MessageRef, Reply, Sender, SessionKey
+from podbay.redact import remember_secrets
 from podbay.retry import Backoff, describe, is_transient
 from podbay.transports.base import Capabilities, Health, Submit, TransportFailed
 from podbay.transports.plugins import DoctorReport, TransportContext, TransportPlugin
@@ -183,6 +184,8 @@ class MatrixTransport:
             await asyncio.to_thread(
                 self._save, access_token=response.access_token, device_id=response.device_id
             )
+        # The token may come from state.json (a password login): mask it like a config secret.
+        remember_secrets([self._client.access_token or ""])
         self.user_id = self._client.user_id
         self._started_at = state.get("first_started_at") or time.time()
         if "first_started_at" not in state:

@@ -153,7 +153,15 @@ def meta_signature_ok(body: bytes, header: str | None, app_secret: str) -> bool:
     if not header or not header.startswith("sha256=") or not app_secret:
         return False
     expected = hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, header.removeprefix("sha256="))
+    return _same(expected, header.removeprefix("sha256="))
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of what a request says with what it should say; as bytes,
+    so a header with characters outside ASCII is a mismatch, not an error."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def twilio_signature(url: str, params: Mapping[str, str], auth_token: str) -> str:
@@ -259,7 +267,7 @@ class WhatsAppTransport:
         query = request.query
         token = query.get("hub.verify_token", "")
         expected = self.config.verify_token.get_secret_value()
-        if query.get("hub.mode") == "subscribe" and hmac.compare_digest(token, expected):
+        if query.get("hub.mode") == "subscribe" and _same(token, expected):
             return web.Response(text=query.get("hub.challenge", ""))
         log.warning("WhatsApp: a webhook verification with a wrong verify token was refused")
         return web.Response(status=403, text="verification refused")
@@ -351,7 +359,7 @@ class WhatsAppTransport:
         signature = request.headers.get("X-Twilio-Signature", "")
         token = self.config.auth_token.get_secret_value()
         expected = twilio_signature(self._twilio_url(request), form, token)
-        if not signature or not hmac.compare_digest(signature, expected):
+        if not signature or not _same(signature, expected):
             log.warning("WhatsApp: a Twilio webhook with a missing or wrong signature was refused")
             return web.Response(status=403, text="bad signature")
         sender, sid = form.get("From", ""), form.get("MessageSid", "")

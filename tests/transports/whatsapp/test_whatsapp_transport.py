@@ -309,3 +309,22 @@ async def test_doctor_prints_the_callback_url(tmp_path: Path) -> None:
         report = await plugin.doctor(settings, settings.transport_config("whatsapp"))
         assert any(f"{PUBLIC}{path}" in note for note in report.notes)
         assert report.problems == []
+
+
+async def test_non_ascii_signatures_and_tokens_are_refused_not_errors(meta_world: World) -> None:
+    assert meta_world.graph is not None
+    payload = meta_world.graph.text_message("whoami")
+    assert (await meta_world.meta(payload, signature="sha256=é" + "0" * 63)).status == 401
+    params = {"hub.mode": "subscribe", "hub.verify_token": "jeton-é", "hub.challenge": "7"}
+    async with meta_world.http.get(meta_world.url(META_PATH), params=params) as r:
+        assert r.status == 403
+
+
+async def test_a_non_ascii_twilio_signature_is_refused(twilio_world: World) -> None:
+    assert twilio_world.twilio is not None
+    fields = twilio_world.twilio.inbound("whoami", from_=f"whatsapp:+{ALICE}")
+    headers = {"X-Twilio-Signature": "sïgnature"}
+    async with twilio_world.http.post(
+        twilio_world.url(TWILIO_PATH), data=fields, headers=headers
+    ) as r:
+        assert r.status == 403

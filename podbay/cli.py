@@ -456,10 +456,15 @@ def _check_agent(settings: Settings, problems: list[tuple[str, str]], notes: lis
         listed = ", ".join(f"{c.name} {c.version}" for c in others)
         notes.append(f"also in {settings.data_dir / 'agents'}: {listed}")
     if agent.where == "host":
+        runs = (
+            f"`[agent] command` ({agent.command[0]!r}) runs instead, on this host, unsandboxed"
+            if agent.command
+            else "no agent runs at all (`[agent] command` is not set)"
+        )
         problems.append(
             (
-                f"agent: {name} runs on this host, outside the project container, with "
-                "nothing to sandbox what it does",
+                f"agent: {name} is set to run outside the project container, which podbay "
+                f"does not do for {name}: {runs}",
                 'set `[agent] where = "container"` (the default for claude and codex)',
             )
         )

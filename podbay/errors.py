@@ -46,3 +46,8 @@ class EngineError(PodbayError):
 
 class StoreError(PodbayError):
     """The database is unusable (corrupt, newer schema, ...)."""
+
+
+class EngineUnavailable(UserError, EngineError):
+    """The Docker engine cannot be reached (stopped, restarting, socket gone): the user is
+    told so plainly, and podbay keeps running until it is back."""

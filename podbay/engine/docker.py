@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import re
 import socket
 import tarfile
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from podbay.engine.stacks import ImageSpec
-from podbay.errors import EngineError
+from podbay.errors import EngineError, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class DockerProvisioner:
 
                     self._client = DockerClient.from_env(timeout=120)
             except Exception as exc:
+                if _unreachable(exc):
+                    raise _unavailable(exc) from exc
                 raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
         return self._client
 
@@ -159,6 +162,8 @@ class DockerProvisioner:
         except EngineError:
             raise
         except Exception as exc:
+            if _unreachable(exc):
+                raise _unavailable(exc) from exc
             raise EngineError(f"docker {what} failed: {_short(exc)}") from exc
 
     async def close(self) -> None:
@@ -928,3 +933,32 @@ def _tar_context(spec: ImageSpec) -> io.BytesIO:
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the engine is not there at all: a refused
+    or missing socket, a connection that broke, no API version to fetch."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError | FileNotFoundError):
+            return True
+        name = type(current).__name__
+        text = str(current)
+        if name in ("ConnectionError", "ProtocolError", "NewConnectionError", "MaxRetryError"):
+            return True
+        if "Error while fetching server API version" in text:
+            return True
+        args = getattr(current, "args", ())
+        nested = next((a for a in args if isinstance(a, BaseException)), None)
+        current = current.__cause__ or current.__context__ or nested
+    return False
+
+
+def _unavailable(exc: BaseException) -> EngineUnavailable:
+    where = os.environ.get("DOCKER_HOST") or "the default socket"
+    return EngineUnavailable(
+        f"The Docker engine is not reachable ({where}): {_short(exc)}. Nothing was changed; "
+        "try again once Docker is back (`podbay doctor` checks it)."
+    )

@@ -38,7 +38,11 @@ async def _setup(
     settings = Settings(
         data_dir=tmp,
         access={"admins": ["memory:*"]},
-        dispatcher={"coalesce_window_ms": window_ms, "max_window_ms": max(window_ms, 1000)},
+        dispatcher={
+            "coalesce_window_ms": window_ms,
+            "max_window_ms": max(window_ms, 1000),
+            "rate_limit_per_minute": 0,  # one sender writes everything here
+        },
     )
     store = await Store.open(tmp / f"bench-{time.monotonic_ns()}.db")
     dispatcher = Dispatcher(Engine(store, settings, agent=agent), build_registry(), settings)

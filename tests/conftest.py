@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -98,6 +99,8 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
         "max_window_ms": 1000,
         "max_queued_messages": 20,
         "max_concurrent_runs": 4,
+        # One test user often sends hundreds of messages; the limit has tests of its own.
+        "rate_limit_per_minute": 0,
     }
     marker = request.node.get_closest_marker("dispatcher")
     if marker is not None:
@@ -153,3 +156,18 @@ def _check_invariants(dispatcher: Dispatcher) -> None:
 @pytest.fixture
 def project_root() -> Iterator[Path]:
     yield Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def clean_logging() -> Iterator[None]:
+    """_setup_logging configures the root logger: give it back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    podbay_level = logging.getLogger("podbay").level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    logging.getLogger("podbay").setLevel(podbay_level)

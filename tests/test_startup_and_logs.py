@@ -8,7 +8,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -195,21 +194,6 @@ def test_status_line_shows_the_age_of_the_stats_sample() -> None:
 
 
 # -- logs -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_logging() -> Iterator[None]:
-    """_setup_logging configures the root logger: give it back as it was."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    podbay_level = logging.getLogger("podbay").level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-    logging.getLogger("podbay").setLevel(podbay_level)
 
 
 def _log_text(data_dir: Path) -> str:

@@ -510,6 +510,27 @@ def _source_conflict(name: str, wanted: Path, rows: Iterable[sqlite3.Row]) -> st
 
 # --------------------------------------------------------------------------- the store
 
+_INBOX_INSERT = """
+    INSERT INTO inbox (transport, platform_id, session_key, conversation, thread,
+        sender_id, sender_name, is_direct, mentioned, text, inbound, status,
+        received_at, updated_at)"""
+_INBOX_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)"
+_MARK_SQL = """
+    UPDATE inbox SET status = ?, kind = COALESCE(?, kind), note = COALESCE(?, note),
+        updated_at = ?
+    WHERE id = ?"""
+# Rows per multi-row INSERT: 13 values each, well below SQLite's 32,766 variables.
+_BATCH_ROWS = 500
+
+
+@dataclass
+class _Write:
+    """One inbox write waiting for the next group commit."""
+
+    kind: Literal["add", "mark"]
+    rows: list[tuple[Any, ...]]
+    future: asyncio.Future[int | None] | None = None
+
 
 class Store:
     """Async access to the podbay database. Create with :meth:`Store.open`."""
@@ -522,6 +543,11 @@ class Store:
         # inserts or deletes a project row forgets it (rows are never renamed).
         self._names: list[str] | None = None
         self._read_only = False  # set by open(read_only=True): every write is refused
+        # Group commit: inbox writes that arrive while one is being committed wait, and go
+        # together in the next transaction (each caller still returns only once its own
+        # write is committed: stored before acknowledged).
+        self._pending: list[_Write] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -600,7 +626,10 @@ class Store:
             )
 
     async def close(self) -> None:
-        """Close the connection. Safe to call twice."""
+        """Close the connection (after the writes already asked for). Safe to call twice."""
+        if self._flusher is not None:
+            with suppress(BaseException):
+                await self._flusher
         async with self._lock:
             await self._db.close()
 
@@ -692,35 +721,27 @@ class Store:
         """Record a received message; ``None`` if (transport, platform_id) is a redelivery.
 
         ``text`` replaces ``inbound.text`` in storage (callers pass a redacted copy).
+        Returns once the row is committed (group-committed with others arriving meanwhile).
         """
         session = inbound.session
         stored = inbound.text if text is None else text
-        async with self._lock:
-            count, rowid = await self._execute(
-                """
-                INSERT INTO inbox (transport, platform_id, session_key, conversation, thread,
-                    sender_id, sender_name, is_direct, mentioned, text, inbound, status,
-                    received_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
-                ON CONFLICT (transport, platform_id) DO NOTHING
-                """,
-                (
-                    session.transport,
-                    inbound.platform_id,
-                    str(session),
-                    session.conversation,
-                    session.thread,
-                    inbound.sender.user_id,
-                    inbound.sender.display_name,
-                    int(inbound.is_direct),
-                    int(inbound.mentioned),
-                    stored,
-                    inbound_to_json(inbound, stored),
-                    inbound.received_at,
-                    self._clock(),
-                ),
-            )
-        return rowid if count == 1 else None
+        row = (
+            session.transport,
+            inbound.platform_id,
+            str(session),
+            session.conversation,
+            session.thread,
+            inbound.sender.user_id,
+            inbound.sender.display_name,
+            int(inbound.is_direct),
+            int(inbound.mentioned),
+            stored,
+            inbound_to_json(inbound, stored),
+            inbound.received_at,
+            self._clock(),
+        )
+        result = await self._batched(_Write("add", [row]))
+        return result
 
     async def inbox_mark(
         self,
@@ -730,17 +751,72 @@ class Store:
         kind: str | None = None,
         note: str | None = None,
     ) -> None:
-        """Set the status (and, when given, kind and note) of every id, all or nothing."""
+        """Set the status (and, when given, kind and note) of every id, all or nothing;
+        returns once committed."""
+        if not ids:
+            return
         now = self._clock()
+        await self._batched(_Write("mark", [(status, kind, note, now, id_) for id_ in ids]))
+
+    async def _batched(self, write: _Write) -> int | None:
+        if self._read_only:
+            raise StoreError("the database was opened read-only; this command cannot change it")
+        write.future = asyncio.get_running_loop().create_future()
+        self._pending.append(write)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
+        return await write.future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._commit_batch(batch)
+            except BaseException as exc:
+                for write in batch:
+                    if write.future is not None and not write.future.done():
+                        write.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for write, result in zip(batch, results, strict=True):
+                if write.future is not None and not write.future.done():
+                    write.future.set_result(result)
+
+    async def _commit_batch(self, batch: list[_Write]) -> list[int | None]:
+        """One transaction for the whole batch, in arrival order: runs of inserts become
+        multi-row INSERTs, runs of status changes one executemany."""
+        results: list[int | None] = []
         async with self._tx():
-            await self._executemany(
-                """
-                UPDATE inbox SET status = ?, kind = COALESCE(?, kind), note = COALESCE(?, note),
-                    updated_at = ?
-                WHERE id = ?
-                """,
-                [(status, kind, note, now, id_) for id_ in ids],
-            )
+            i = 0
+            while i < len(batch):
+                j = i
+                while j < len(batch) and batch[j].kind == batch[i].kind and j - i < _BATCH_ROWS:
+                    j += 1
+                group = batch[i:j]
+                if batch[i].kind == "add":
+                    results.extend(await self._insert_inbox([w.rows[0] for w in group]))
+                else:
+                    await self._executemany(_MARK_SQL, [r for w in group for r in w.rows])
+                    results.extend([None] * len(group))
+                i = j
+        return results
+
+    async def _insert_inbox(self, rows: list[tuple[Any, ...]]) -> list[int | None]:
+        """Insert ``rows`` in one statement; each gets its id, or None for a redelivery
+        (of an earlier row, or of another row of the same batch)."""
+        values = ", ".join([_INBOX_VALUES] * len(rows))
+        async with self._db.execute(
+            f"{_INBOX_INSERT} VALUES {values}"
+            " ON CONFLICT (transport, platform_id) DO NOTHING"
+            " RETURNING id, transport, platform_id",
+            [value for row in rows for value in row],
+        ) as cur:
+            inserted = {(r[1], r[2]): int(r[0]) for r in await cur.fetchall()}
+        ids: list[int | None] = []
+        for row in rows:
+            ids.append(inserted.pop((row[0], row[1]), None))
+        return ids
 
     async def inbox_attach_run(self, ids: Sequence[int], run_id: int) -> None:
         """Link inbox entries to the agent run that handles them."""

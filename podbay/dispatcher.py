@@ -36,7 +36,13 @@ from podbay.errors import PermissionDenied, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.ratelimit import RateLimiter
 from podbay.redact import REDACTED
-from podbay.transports.base import DeliveryRefused, Supervised, Transport, TransportState
+from podbay.transports.base import (
+    DeliveryRefused,
+    Health,
+    Supervised,
+    Transport,
+    TransportState,
+)
 from podbay.transports.render import code_block
 
 log = logging.getLogger(__name__)
@@ -316,7 +322,8 @@ class Dispatcher:
         """Count the message against its sender's limit; over it, it is recorded and
         dropped, and the sender is told once (the local console has no limit)."""
         transport = self._transports.get(inbound.session.transport)
-        if isinstance(transport, Supervised) and transport.health.state.local:
+        health = getattr(transport, "health", None)  # not isinstance(Protocol): per message
+        if isinstance(health, Health) and health.state.local:
             return True
         identity = inbound.sender.identity
         verdict = self._rate.check(identity)

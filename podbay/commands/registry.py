@@ -9,6 +9,7 @@ import difflib
 import itertools
 import re
 import shlex
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -148,6 +149,11 @@ class Registry:
 
     def __init__(self, bot_name: str = "podbay", aliases: Iterable[str] = ()) -> None:
         self._specs: dict[str, CommandSpec] = {}
+        self._pools: tuple[dict[str, str], list[str], list[str]] | None = None
+        # Built once per set of commands (parsing runs for every message).
+        self._secret_options: set[str] | None = None
+        self._by_first: dict[str, list[CommandSpec]] | None = None
+        self._suggested: OrderedDict[tuple[str, float], str | None] = OrderedDict()
         self.bot_name = bot_name
         self._aliases = tuple(dict.fromkeys(a.lower() for a in (bot_name, *aliases) if a))
 
@@ -155,6 +161,8 @@ class Registry:
         if spec.name in self._specs:
             raise ValueError(f"command {spec.name!r} is already registered")
         self._specs[spec.name] = spec
+        self._pools = self._secret_options = self._by_first = None
+        self._suggested.clear()
         return spec
 
     def get(self, name: str) -> CommandSpec | None:
@@ -287,23 +295,58 @@ class Registry:
         return False
 
     def _match(self, words: list[str]) -> tuple[CommandSpec | None, int]:
-        lowered = [w.lower() if len(w) <= _MAX_SUGGEST else "" for w in words]
+        if not words:
+            return None, 0
+        if self._by_first is None:
+            self._by_first = {}
+            for spec in self._specs.values():
+                self._by_first.setdefault(spec.words[0], []).append(spec)
+        first = words[0].lower() if len(words[0]) <= _MAX_SUGGEST else ""
+        candidates = self._by_first.get(first)
+        if not candidates:
+            return None, 0
+        lowered = [w.lower() if len(w) <= _MAX_SUGGEST else "" for w in words[:4]]
         best: CommandSpec | None = None
-        for spec in self._specs.values():
+        for spec in candidates:
             n = len(spec.words)
             if tuple(lowered[:n]) == spec.words and (best is None or n > len(best.words)):
                 best = spec
         return best, (len(best.words) if best else 0)
 
+    def _suggestion_pools(self) -> tuple[dict[str, str], list[str], list[str]]:
+        """(first word -> its first command, what a word is compared with, what a
+        two-word phrase is compared with), built once per set of commands."""
+        if self._pools is None:
+            firsts: dict[str, str] = {}
+            for spec in self._specs.values():
+                # "delet" suggests `delete`, the first command of that word, not `delete run`.
+                firsts.setdefault(spec.words[0], spec.name)
+            names = [s.name for s in self._specs.values()]
+            words = list(dict.fromkeys([*names, *firsts]))
+            phrases = [n for n in names if " " in n]
+            self._pools = (firsts, words, phrases)
+        return self._pools
+
     def suggest(self, word: str, cutoff: float = 0.6) -> str | None:
         if len(word) > _MAX_SUGGEST:
             return None
-        names = [s.name for s in self._specs.values()]
-        firsts: dict[str, str] = {}
-        for spec in self._specs.values():
-            # "delet" suggests `delete`, the first command of that word, not `delete run`.
-            firsts.setdefault(spec.words[0], spec.name)
-        close = difflib.get_close_matches(word.lower(), [*names, *firsts], n=1, cutoff=cutoff)
+        lowered = word.lower()
+        key = (lowered, cutoff)
+        if key in self._suggested:
+            self._suggested.move_to_end(key)
+            return self._suggested[key]
+        found = self._suggest(lowered, cutoff)
+        self._suggested[key] = found  # the same first words come back again and again
+        if len(self._suggested) > 4096:
+            self._suggested.popitem(last=False)
+        return found
+
+    def _suggest(self, lowered: str, cutoff: float) -> str | None:
+        firsts, words, phrases = self._suggestion_pools()
+        # A phrase of two words can only be near a command of several (a one-word name is
+        # never within the cutoff of "statsu please"); a word may be near either.
+        pool = phrases if " " in lowered and cutoff >= _NEAR_MISS else words
+        close = difflib.get_close_matches(lowered, pool, n=1, cutoff=cutoff)
         if not close:
             return None
         return firsts.get(close[0], close[0])
@@ -487,7 +530,11 @@ class Registry:
         return Invocation(spec, {"proposal": action.target})
 
     def secret_options(self) -> set[str]:
-        return {o.name for s in self._specs.values() for o in s.options if o.secret}
+        if self._secret_options is None:
+            self._secret_options = {
+                o.name for s in self._specs.values() for o in s.options if o.secret
+            }
+        return self._secret_options
 
     def redact(self, text: str) -> str:
         """``text`` with every secret masked (see :mod:`podbay.redact`), using the names of

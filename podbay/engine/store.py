@@ -12,9 +12,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
@@ -371,7 +371,13 @@ def _project(row: sqlite3.Row) -> ProjectRow:
 
 def inbound_to_json(inbound: Inbound, text: str) -> str:
     """Every field of ``inbound`` (with ``text`` in place of its text) as JSON."""
-    data = asdict(inbound)
+    # Field by field rather than dataclasses.asdict (a deep copy): this runs per message.
+    data = {f.name: getattr(inbound, f.name) for f in fields(inbound)}
+    data["session"] = {f.name: getattr(inbound.session, f.name) for f in fields(inbound.session)}
+    data["sender"] = {f.name: getattr(inbound.sender, f.name) for f in fields(inbound.sender)}
+    data["aliases"] = list(inbound.aliases)
+    if inbound.action is not None:
+        data["action"] = {"kind": inbound.action.kind, "target": inbound.action.target}
     data["text"] = text
     return json.dumps(data, ensure_ascii=False)
 
@@ -513,23 +519,65 @@ def _source_conflict(name: str, wanted: Path, rows: Iterable[sqlite3.Row]) -> st
 _INBOX_INSERT = """
     INSERT INTO inbox (transport, platform_id, session_key, conversation, thread,
         sender_id, sender_name, is_direct, mentioned, text, inbound, status,
-        received_at, updated_at)"""
-_INBOX_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)"
+        received_at, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+    ON CONFLICT (transport, platform_id) DO NOTHING"""
 _MARK_SQL = """
     UPDATE inbox SET status = ?, kind = COALESCE(?, kind), note = COALESCE(?, note),
         updated_at = ?
     WHERE id = ?"""
-# Rows per multi-row INSERT: 13 values each, well below SQLite's 32,766 variables.
-_BATCH_ROWS = 500
+
+Outcome = tuple[int, int | None]  # (rowcount, lastrowid) of a write's last statement
 
 
 @dataclass
 class _Write:
-    """One inbox write waiting for the next group commit."""
+    """One write waiting for the next group commit: its statements run in order, in a
+    savepoint of their own (a failing write never takes the others of its batch along).
+    With ``many``, the one statement runs once per parameter row (executemany)."""
 
-    kind: Literal["add", "mark"]
-    rows: list[tuple[Any, ...]]
-    future: asyncio.Future[int | None] | None = None
+    statements: list[tuple[str, Params]]
+    many: list[Params] | None = None
+    future: asyncio.Future[Outcome] | None = None
+
+
+def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome:
+    if write.many is not None:
+        cursor = conn.executemany(write.statements[0][0], write.many)
+        return cursor.rowcount, None
+    outcome: Outcome = (0, None)
+    for sql, params in write.statements:
+        cursor = conn.execute(sql, params)
+        outcome = (cursor.rowcount, cursor.lastrowid)
+    return outcome
+
+
+def _apply_batch(conn: sqlite3.Connection, batch: list[_Write]) -> list[Outcome | Exception]:
+    """On the database's own thread: one transaction for the whole batch. Optimistic: if
+    one write fails, the batch is rolled back and done again with a savepoint per write,
+    so only that write fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            results: list[Outcome | Exception] = [_apply_write(conn, w) for w in batch]
+        except sqlite3.Error:
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            results = []
+            for write in batch:
+                conn.execute("SAVEPOINT write")
+                try:
+                    results.append(_apply_write(conn, write))
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO write")
+                    results.append(exc)
+                conn.execute("RELEASE write")
+        conn.execute("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return results
 
 
 class Store:
@@ -740,8 +788,8 @@ class Store:
             inbound.received_at,
             self._clock(),
         )
-        result = await self._batched(_Write("add", [row]))
-        return result
+        count, rowid = await self._write(_INBOX_INSERT, row)
+        return rowid if count == 1 else None
 
     async def inbox_mark(
         self,
@@ -756,9 +804,15 @@ class Store:
         if not ids:
             return
         now = self._clock()
-        await self._batched(_Write("mark", [(status, kind, note, now, id_) for id_ in ids]))
+        await self._batched(
+            _Write([(_MARK_SQL, ())], many=[(status, kind, note, now, id_) for id_ in ids])
+        )
 
-    async def _batched(self, write: _Write) -> int | None:
+    async def _write(self, sql: str, params: Params = ()) -> Outcome:
+        """One statement, group-committed; returns (rowcount, lastrowid)."""
+        return await self._batched(_Write([(sql, params)]))
+
+    async def _batched(self, write: _Write) -> Outcome:
         if self._read_only:
             raise StoreError("the database was opened read-only; this command cannot change it")
         write.future = asyncio.get_running_loop().create_future()
@@ -771,7 +825,13 @@ class Store:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                results = await self._commit_batch(batch)
+                async with self._lock:
+                    # One hop to the database thread for the whole batch (aiosqlite runs
+                    # the function there, between its other statements).
+                    run = cast(
+                        Callable[..., Awaitable[list[Outcome | Exception]]], self._db._execute
+                    )
+                    results = await run(_apply_batch, self._db._conn, batch)
             except BaseException as exc:
                 for write in batch:
                     if write.future is not None and not write.future.done():
@@ -780,52 +840,24 @@ class Store:
                     raise
                 continue
             for write, result in zip(batch, results, strict=True):
-                if write.future is not None and not write.future.done():
-                    write.future.set_result(result)
-
-    async def _commit_batch(self, batch: list[_Write]) -> list[int | None]:
-        """One transaction for the whole batch, in arrival order: runs of inserts become
-        multi-row INSERTs, runs of status changes one executemany."""
-        results: list[int | None] = []
-        async with self._tx():
-            i = 0
-            while i < len(batch):
-                j = i
-                while j < len(batch) and batch[j].kind == batch[i].kind and j - i < _BATCH_ROWS:
-                    j += 1
-                group = batch[i:j]
-                if batch[i].kind == "add":
-                    results.extend(await self._insert_inbox([w.rows[0] for w in group]))
+                if write.future is None or write.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    write.future.set_exception(result)
                 else:
-                    await self._executemany(_MARK_SQL, [r for w in group for r in w.rows])
-                    results.extend([None] * len(group))
-                i = j
-        return results
-
-    async def _insert_inbox(self, rows: list[tuple[Any, ...]]) -> list[int | None]:
-        """Insert ``rows`` in one statement; each gets its id, or None for a redelivery
-        (of an earlier row, or of another row of the same batch)."""
-        values = ", ".join([_INBOX_VALUES] * len(rows))
-        async with self._db.execute(
-            f"{_INBOX_INSERT} VALUES {values}"
-            " ON CONFLICT (transport, platform_id) DO NOTHING"
-            " RETURNING id, transport, platform_id",
-            [value for row in rows for value in row],
-        ) as cur:
-            inserted = {(r[1], r[2]): int(r[0]) for r in await cur.fetchall()}
-        ids: list[int | None] = []
-        for row in rows:
-            ids.append(inserted.pop((row[0], row[1]), None))
-        return ids
+                    write.future.set_result(result)
 
     async def inbox_attach_run(self, ids: Sequence[int], run_id: int) -> None:
         """Link inbox entries to the agent run that handles them."""
+        if not ids:
+            return
         now = self._clock()
-        async with self._tx():
-            await self._executemany(
-                "UPDATE inbox SET run_id = ?, updated_at = ? WHERE id = ?",
-                [(run_id, now, id_) for id_ in ids],
+        await self._batched(
+            _Write(
+                [("UPDATE inbox SET run_id = ?, updated_at = ? WHERE id = ?", ())],
+                many=[(run_id, now, id_) for id_ in ids],
             )
+        )
 
     async def inbox_recover(self) -> tuple[list[InboxRow], list[InboxRow]]:
         """After a restart: mark 'processing' rows 'interrupted' and return them, plus the
@@ -926,9 +958,28 @@ class Store:
             await self._session_upsert(key, "verbose = ?, ", (level,))
 
     async def session_mark_turn(self, key: SessionKey, at: float) -> None:
-        """An agent turn of this conversation began at ``at``."""
-        async with self._tx():
-            await self._session_upsert(key, "last_turn_at = ?, ", (at,))
+        """An agent turn of this conversation began at ``at`` (group-committed)."""
+        now = self._clock()
+        await self._batched(
+            _Write(
+                [
+                    (
+                        """
+                        INSERT INTO sessions (session_key, transport, conversation, thread,
+                            last_activity)
+                        VALUES (?, ?, ?, ?, ?)
+                        ON CONFLICT (session_key) DO NOTHING
+                        """,
+                        (str(key), key.transport, key.conversation, key.thread, now),
+                    ),
+                    (
+                        "UPDATE sessions SET last_turn_at = ?, last_activity = ?"
+                        " WHERE session_key = ?",
+                        (at, now, str(key)),
+                    ),
+                ]
+            )
+        )
 
     async def session_touch(self, key: SessionKey) -> None:
         """Record activity in the session now."""
@@ -1147,24 +1198,22 @@ class Store:
 
     async def run_create(self, session: SessionKey, project: str, prompt: str, agent: str) -> int:
         """Record a new agent run in state 'pending'; returns its id."""
-        async with self._lock:
-            _, rowid = await self._execute(
-                """
-                INSERT INTO runs (session_key, project, prompt, agent, status, created_at)
-                VALUES (?, ?, ?, ?, 'pending', ?)
-                """,
-                (str(session), project, prompt, agent, self._clock()),
-            )
+        _, rowid = await self._write(
+            """
+            INSERT INTO runs (session_key, project, prompt, agent, status, created_at)
+            VALUES (?, ?, ?, ?, 'pending', ?)
+            """,
+            (str(session), project, prompt, agent, self._clock()),
+        )
         assert rowid is not None
         return rowid
 
     async def run_start(self, run_id: int) -> None:
         """Mark a run 'running'."""
-        async with self._lock:
-            count, _ = await self._execute(
-                "UPDATE runs SET status = 'running', started_at = ? WHERE id = ?",
-                (self._clock(), run_id),
-            )
+        count, _ = await self._write(
+            "UPDATE runs SET status = 'running', started_at = ? WHERE id = ?",
+            (self._clock(), run_id),
+        )
         if not count:
             raise StoreError(f"run {run_id} does not exist")
 
@@ -1180,24 +1229,23 @@ class Store:
         num_turns: int | None = None,
     ) -> None:
         """Record the outcome of a run."""
-        async with self._lock:
-            count, _ = await self._execute(
-                """
-                UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error = ?,
-                    usage = ?, cost_usd = ?, num_turns = ?
-                WHERE id = ?
-                """,
-                (
-                    status,
-                    self._clock(),
-                    exit_code,
-                    error,
-                    json.dumps(usage or {}),
-                    cost_usd,
-                    num_turns,
-                    run_id,
-                ),
-            )
+        count, _ = await self._write(
+            """
+            UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error = ?,
+                usage = ?, cost_usd = ?, num_turns = ?
+            WHERE id = ?
+            """,
+            (
+                status,
+                self._clock(),
+                exit_code,
+                error,
+                json.dumps(usage or {}),
+                cost_usd,
+                num_turns,
+                run_id,
+            ),
+        )
         if not count:
             raise StoreError(f"run {run_id} does not exist")
 
@@ -1216,14 +1264,13 @@ class Store:
     async def run_event(self, run_id: int, kind: str, data: str) -> None:
         """Append an event to a run; events are numbered 1, 2, ... per run."""
         try:
-            async with self._tx():
-                await self._execute(
-                    """
-                    INSERT INTO run_events (run_id, seq, kind, data, at)
-                    SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM run_events WHERE run_id = ?
-                    """,
-                    (run_id, kind, data, self._clock(), run_id),
-                )
+            await self._write(
+                """
+                INSERT INTO run_events (run_id, seq, kind, data, at)
+                SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM run_events WHERE run_id = ?
+                """,
+                (run_id, kind, data, self._clock(), run_id),
+            )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot record event for run {run_id}: {exc}") from exc
 

@@ -1,7 +1,13 @@
-"""Dispatcher benchmark: throughput, control-command latency under load, retained memory.
+"""Dispatcher benchmark: throughput against two baselines, control-command latency under
+load, retained memory.
 
 Run: .venv/bin/python bench/dispatcher.py   (writes bench/results/dispatcher.json)
 Uses a real SQLite store in a temp dir and the in-memory transport/agent twins from tests.
+
+Throughput ([bench] #1): 1,000 conversations x 10 messages, a no-op agent, every message
+through the durable inbox; in the same run, (a) the same messages handed through raw
+asyncio.Queues and (b) one aiosqlite INSERT + commit per message. Goals: >= 5,000 msg/s,
+and podbay's time <= 2x baseline (b). Rounds are interleaved; medians are reported.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ async def _setup(
     return store, dispatcher, transport
 
 
-async def throughput(tmp: Path, sessions: int = 200, per_session: int = 10) -> dict[str, float]:
+async def throughput(tmp: Path, sessions: int = 1000, per_session: int = 10) -> dict[str, float]:
     agent = FakeAgent(auto_release=0.0)
     store, dispatcher, transport = await _setup(tmp, 0, agent)
     started = time.perf_counter()
@@ -74,6 +80,114 @@ async def throughput(tmp: Path, sessions: int = 200, per_session: int = 10) -> d
         "seconds": round(elapsed, 3),
         "messages_per_s": round(total / elapsed, 1),
         "agent_runs": len(agent.runs),
+    }
+
+
+async def baseline_queue(conversations: int, per: int) -> float:
+    """(a) The hand-off alone: each conversation's messages through an asyncio.Queue to a
+    consumer task. Seconds for everything."""
+    started = time.perf_counter()
+    queues = [asyncio.Queue[str]() for _ in range(conversations)]
+
+    async def consume(queue: asyncio.Queue[str]) -> None:
+        for _ in range(per):
+            await queue.get()
+
+    async def produce(c: int) -> None:
+        for m in range(per):
+            await queues[c].put(f"s{c} m{m}")
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(consume(q) for q in queues), *(produce(c) for c in range(conversations)))
+    return time.perf_counter() - started
+
+
+async def baseline_sqlite(tmp: Path, conversations: int, per: int) -> float:
+    """(b) Durability alone: one aiosqlite INSERT + COMMIT per message (WAL, NORMAL sync,
+    as podbay's store), from all conversations at once. Seconds for everything."""
+    import aiosqlite
+
+    db = await aiosqlite.connect(tmp / f"baseline-{time.monotonic_ns()}.db")
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute(
+        "CREATE TABLE inbox (id INTEGER PRIMARY KEY, conversation TEXT, text TEXT, at REAL)"
+    )
+    await db.commit()
+    started = time.perf_counter()
+
+    async def produce(c: int) -> None:
+        for m in range(per):
+            await db.execute(
+                "INSERT INTO inbox (conversation, text, at) VALUES (?, ?, ?)",
+                (f"room-{c}", f"s{c} m{m}", time.time()),
+            )
+            await db.commit()
+
+    await asyncio.gather(*(produce(c) for c in range(conversations)))
+    elapsed = time.perf_counter() - started
+    await db.close()
+    return elapsed
+
+
+async def throughput_vs_baselines(
+    tmp: Path, conversations: int = 1000, per: int = 10, rounds: int = 3
+) -> dict[str, object]:
+    total = conversations * per
+    podbay: list[float] = []
+    queue: list[float] = []
+    sqlite: list[float] = []
+    runs: list[int] = []
+    for _ in range(rounds):
+        result = await throughput(tmp, conversations, per)
+        podbay.append(float(result["seconds"]))
+        runs.append(int(result["agent_runs"]))
+        queue.append(await baseline_queue(conversations, per))
+        sqlite.append(await baseline_sqlite(tmp, conversations, per))
+    med = statistics.median
+    rate = total / med(podbay)
+    ratio_b = med(podbay) / med(sqlite)
+    return {
+        "conversations": conversations,
+        "messages_per_conversation": per,
+        "messages": total,
+        "rounds": rounds,
+        "podbay_seconds": [round(x, 3) for x in podbay],
+        "podbay_agent_runs": runs,
+        "baseline_queue_seconds": [round(x, 3) for x in queue],
+        "baseline_sqlite_seconds": [round(x, 3) for x in sqlite],
+        "median_seconds": {
+            "podbay": round(med(podbay), 3),
+            "baseline_queue": round(med(queue), 3),
+            "baseline_sqlite": round(med(sqlite), 3),
+        },
+        "messages_per_s": {
+            "podbay": round(rate, 1),
+            "baseline_queue": round(total / med(queue), 1),
+            "baseline_sqlite": round(total / med(sqlite), 1),
+        },
+        "ratios": {
+            "podbay_vs_queue": round(med(podbay) / med(queue), 2),
+            "podbay_vs_sqlite": round(ratio_b, 2),
+        },
+        "goals": [
+            {
+                "id": 1,
+                "goal": ">= 5,000 msg/s through the durable inbox",
+                "value": round(rate, 1),
+                "limit": 5000,
+                "unit": "msg/s",
+                "met": rate >= 5000,
+            },
+            {
+                "id": 1,
+                "goal": "<= 2x one aiosqlite INSERT + commit per message",
+                "value": round(ratio_b, 2),
+                "limit": 2.0,
+                "unit": "x",
+                "met": ratio_b <= 2.0,
+            },
+        ],
     }
 
 
@@ -163,7 +277,7 @@ async def main() -> None:
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
             },
-            "throughput": await throughput(tmp),
+            "throughput": await throughput_vs_baselines(tmp),
             "control_latency_under_load": await control_latency(tmp),
             "retained_memory": await retained_memory(tmp),
         }

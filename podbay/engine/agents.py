@@ -319,10 +319,12 @@ def build_agent(
     where: str = "host",
     *,
     procs: ProcessTracker | None = None,
+    stop_grace_s: float = 5.0,
 ) -> Agent:
-    """The host agent described by ``[agent]``; its processes go through ``procs``."""
+    """The host agent described by ``[agent]``; its processes go through ``procs``, and a
+    stop gives them ``stop_grace_s`` after SIGTERM before SIGKILL."""
     if preset != "command" or where != "host":
         raise NotConfigured(f"agent preset {preset!r} where {where!r} runs in containers")
     if not command:
         return NoAgent()
-    return HostCommandAgent(command, procs=procs)
+    return HostCommandAgent(command, procs=procs, kill_grace_s=stop_grace_s)

@@ -53,7 +53,11 @@ class Engine:
         self.procs = ProcessTracker(store, scope=f"podbay-{instance_id(settings.data_dir)}")
         # The host agent (command preset); container runners are picked per project.
         self.agent = agent or (
-            build_agent(settings.agent.command, procs=self.procs)
+            build_agent(
+                settings.agent.command,
+                procs=self.procs,
+                stop_grace_s=settings.agent.stop_grace_s,
+            )
             if settings.agent.where == "host"
             else NoAgent()
         )

@@ -407,7 +407,6 @@ class Dispatcher:
             )
             await self._deny(inbound)
             return
-        await self.store.inbox_mark([inbox_id], "processing")
         kind = ""
         invocation: Invocation | None = None
         outcome, note = "ok", ""
@@ -417,6 +416,7 @@ class Dispatcher:
                 # A click: a typed decision, never parsed as text (nor fed to the agent).
                 invocation = self.registry.for_action(inbound.action)
                 kind = invocation.spec.kind
+                await self.store.inbox_mark([inbox_id], "processing", kind=kind)
                 await self._command(inbound, role, invocation)
             else:
                 carries_secret = self.registry.has_secret(inbound.text)
@@ -454,6 +454,7 @@ class Dispatcher:
                     return
                 invocation = parsed
                 kind = parsed.spec.kind
+                await self.store.inbox_mark([inbox_id], "processing", kind=kind)
                 await self._command(inbound, role, parsed)
         except UserError as exc:
             # Errors may quote what the user typed (a project name, a topic): never a secret

@@ -90,11 +90,10 @@ class RunService:
         Raises UserError before anything starts when no runner fits (no active project for
         a container agent, no agent configured); the run is then recorded as failed.
         """
-        # One write marks the turn and the conversation's "last activity" (status).
-        await self.store.session_mark_turn(plan.session, self._clock())
         try:
             agent = self.runner_for(plan.project)
         except UserError as exc:
+            await self.store.session_mark_turn(plan.session, self._clock())
             await self.store.run_finish(plan.run_id, "failed", error=str(exc))
             raise
         note = await self.context_note(plan.project, plan.session_row)
@@ -129,7 +128,9 @@ class RunService:
         finished: FinishedEvent | None = None
         try:
             run = agent.run(request)
-            await self.store.run_start(plan.run_id)
+            # One write: the run began, and so did the conversation's turn (its "last
+            # activity" in status, and where the next turn's context note starts).
+            await self.store.run_start(plan.run_id, turn=plan.session)
             async with asyncio.timeout(self.settings.agent.timeout_s):
                 async for event in run:
                     if isinstance(event, FinishedEvent):

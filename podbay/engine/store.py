@@ -541,6 +541,24 @@ class _Write:
     future: asyncio.Future[Outcome] | None = None
 
 
+def _mark_turn_statements(key: SessionKey, at: float, now: float) -> list[tuple[str, Params]]:
+    """The session exists, its turn began at ``at`` and it was active ``now``."""
+    return [
+        (
+            """
+            INSERT INTO sessions (session_key, transport, conversation, thread, last_activity)
+            VALUES (?, ?, ?, ?, ?)
+            ON CONFLICT (session_key) DO NOTHING
+            """,
+            (str(key), key.transport, key.conversation, key.thread, now),
+        ),
+        (
+            "UPDATE sessions SET last_turn_at = ?, last_activity = ? WHERE session_key = ?",
+            (at, now, str(key)),
+        ),
+    ]
+
+
 def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome:
     if write.many is not None:
         cursor = conn.executemany(write.statements[0][0], write.many)
@@ -959,27 +977,7 @@ class Store:
 
     async def session_mark_turn(self, key: SessionKey, at: float) -> None:
         """An agent turn of this conversation began at ``at`` (group-committed)."""
-        now = self._clock()
-        await self._batched(
-            _Write(
-                [
-                    (
-                        """
-                        INSERT INTO sessions (session_key, transport, conversation, thread,
-                            last_activity)
-                        VALUES (?, ?, ?, ?, ?)
-                        ON CONFLICT (session_key) DO NOTHING
-                        """,
-                        (str(key), key.transport, key.conversation, key.thread, now),
-                    ),
-                    (
-                        "UPDATE sessions SET last_turn_at = ?, last_activity = ?"
-                        " WHERE session_key = ?",
-                        (at, now, str(key)),
-                    ),
-                ]
-            )
-        )
+        await self._batched(_Write(_mark_turn_statements(key, at, self._clock())))
 
     async def session_touch(self, key: SessionKey) -> None:
         """Record activity in the session now."""
@@ -1208,12 +1206,17 @@ class Store:
         assert rowid is not None
         return rowid
 
-    async def run_start(self, run_id: int) -> None:
-        """Mark a run 'running'."""
-        count, _ = await self._write(
-            "UPDATE runs SET status = 'running', started_at = ? WHERE id = ?",
-            (self._clock(), run_id),
+    async def run_start(self, run_id: int, *, turn: SessionKey | None = None) -> None:
+        """Mark a run 'running'; with ``turn``, that conversation's turn began now (one
+        write for both)."""
+        now = self._clock()
+        statements: list[tuple[str, Params]] = []
+        if turn is not None:
+            statements = _mark_turn_statements(turn, now, now)
+        statements.append(
+            ("UPDATE runs SET status = 'running', started_at = ? WHERE id = ?", (now, run_id))
         )
+        count, _ = await self._batched(_Write(statements))
         if not count:
             raise StoreError(f"run {run_id} does not exist")
 

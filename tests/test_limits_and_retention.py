@@ -176,9 +176,7 @@ async def test_backup_is_a_consistent_copy_while_podbay_runs(
     assert main(["backup", str(dest), "--data-dir", data_dir, "--force"]) == 0
 
 
-async def test_a_backup_restores(
-    tmp_path: Path, settings: Settings, clean_logging: None
-) -> None:
+async def test_a_backup_restores(tmp_path: Path, settings: Settings, clean_logging: None) -> None:
     async with Podbay(settings, transports=[], docker=False, agent=FakeAgent(0.0)) as bot:
         assert bot.store is not None
         await bot.store.audit("memory:alice", "marker", "before the backup")

@@ -32,7 +32,7 @@ from podbay.engine.agents import AgentEvent, FinishedEvent, NoticeEvent, TextEve
 from podbay.engine.core import Engine
 from podbay.engine.runs import RunPlan
 from podbay.engine.store import InboxRow, InboxStatus, ProjectRow, SessionRow
-from podbay.errors import PermissionDenied, UserError
+from podbay.errors import PermissionDenied, StorageFull, UserError
 from podbay.messages import Inbound, MessageRef, Reply, Sender, SessionKey
 from podbay.ratelimit import RateLimiter
 from podbay.redact import REDACTED
@@ -295,13 +295,18 @@ class Dispatcher:
             return
         try:
             inbox_id = await self.store.inbox_add(inbound, self.registry.redact(inbound.text))
-        except Exception:
+        except Exception as exc:
             ref = secrets.token_hex(4)
-            log.exception("storing a message from %s failed [ref %s]", inbound.session, ref)
-            await self.send(
-                inbound.session,
-                Reply(f"I could not store that message (ref `{ref}`); send it again.", "error"),
-            )
+            quoted = _excerpt(self.registry.redact(inbound.text), 60)
+            if isinstance(exc, StorageFull):
+                log.error(
+                    "storing a message from %s failed: %s [ref %s]", inbound.session, exc, ref
+                )
+                text = f"{exc} Nothing of “{quoted}” was done: free space, then send it again."
+            else:
+                log.exception("storing a message from %s failed [ref %s]", inbound.session, ref)
+                text = f"I could not store “{quoted}” (ref `{ref}`); send it again."
+            await self.send(inbound.session, Reply(text, "error"))
             return
         if inbox_id is None:
             self.stats["redeliveries"] += 1
@@ -622,8 +627,15 @@ class Dispatcher:
                     self._slots.release()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("freeform lane of %s failed", state.key)
+        except Exception as exc:
+            ref = secrets.token_hex(4)
+            log.exception("freeform lane of %s failed [ref %s]", state.key, ref)
+            # Never silent: the conversation learns its run went wrong (a full disk says so).
+            said = str(exc) if isinstance(exc, UserError) else f"internal error, ref `{ref}`"
+            await self.send(
+                state.key,
+                Reply(f"The agent run here broke off ({said}); send your message again.", "error"),
+            )
         finally:
             # Cleared before any await: a message accepted from now on starts a new lane.
             state.lane_task = None

@@ -51,3 +51,7 @@ class StoreError(PodbayError):
 class EngineUnavailable(UserError, EngineError):
     """The Docker engine cannot be reached (stopped, restarting, socket gone): the user is
     told so plainly, and podbay keeps running until it is back."""
+
+
+class StorageFull(UserError, StoreError):
+    """The disk under the data dir is full: nothing could be stored."""

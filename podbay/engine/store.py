@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -21,8 +22,11 @@ from typing import Any, Literal, cast
 
 import aiosqlite
 
-from podbay.errors import StoreError
+from podbay.errors import StorageFull, StoreError
 from podbay.messages import Action, Inbound, Sender, SessionKey
+from podbay.retry import Backoff
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MIGRATIONS",
@@ -527,7 +531,9 @@ _MARK_SQL = """
         updated_at = ?
     WHERE id = ?"""
 
-Outcome = tuple[int, int | None]  # (rowcount, lastrowid) of a write's last statement
+Outcome = tuple[int, int | None]
+# How long a write waits for a lock another process holds (after SQLite's own busy_timeout).
+LOCKED_WAIT_S = 60.0  # (rowcount, lastrowid) of a write's last statement
 
 
 @dataclass
@@ -614,6 +620,7 @@ class Store:
         # write is committed: stored before acknowledged).
         self._pending: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._path: Path | None = None  # the database file (None in memory)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -653,6 +660,7 @@ class Store:
         db.row_factory = sqlite3.Row
         store = cls(db, clock)
         store._read_only = read_only
+        store._path = None if memory else Path(path)
         try:
             if read_only:
                 await store._execute("PRAGMA busy_timeout=5000")
@@ -714,12 +722,27 @@ class Store:
 
     async def _execute(self, sql: str, params: Params = ()) -> tuple[int, int | None]:
         """Run one statement; return (rowcount, lastrowid)."""
-        async with self._db.execute(sql, params) as cur:
-            return cur.rowcount, cur.lastrowid
+        try:
+            async with self._db.execute(sql, params) as cur:
+                return cur.rowcount, cur.lastrowid
+        except sqlite3.OperationalError as exc:
+            raise self._translated(exc) from exc
 
     async def _executemany(self, sql: str, params: Iterable[Params]) -> None:
-        async with self._db.executemany(sql, params):
-            pass
+        try:
+            async with self._db.executemany(sql, params):
+                pass
+        except sqlite3.OperationalError as exc:
+            raise self._translated(exc) from exc
+
+    def _translated(self, exc: sqlite3.OperationalError) -> Exception:
+        """A full disk is the user's to fix, and said so; other errors stay as they are."""
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(
+            exc
+        ):
+            where = f" ({self._path.parent})" if self._path is not None else ""
+            return StorageFull(f"podbay's disk is full{where}: nothing could be stored.")
+        return exc
 
     async def _fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         async with self._db.execute(sql, params) as cur:
@@ -839,17 +862,35 @@ class Store:
             self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
         return await write.future
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
+    async def _commit(self, batch: list[_Write]) -> list[Outcome | Exception]:
+        """Commit ``batch``; a database locked longer than busy_timeout (another process
+        holding the write lock) is waited for with backoff, up to LOCKED_WAIT_S."""
+        run = cast(Callable[..., Awaitable[list[Outcome | Exception]]], self._db._execute)
+        backoff = Backoff(base=0.2, cap=5.0)
+        waited = 0.0
+        while True:
             try:
                 async with self._lock:
                     # One hop to the database thread for the whole batch (aiosqlite runs
                     # the function there, between its other statements).
-                    run = cast(
-                        Callable[..., Awaitable[list[Outcome | Exception]]], self._db._execute
-                    )
-                    results = await run(_apply_batch, self._db._conn, batch)
+                    return await run(_apply_batch, self._db._conn, batch)
+            except sqlite3.OperationalError as exc:
+                locked = getattr(exc, "sqlite_errorcode", None) in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                ) or "locked" in str(exc)
+                if not locked or waited >= LOCKED_WAIT_S:
+                    raise self._translated(exc) from exc
+                delay = backoff.next_delay()
+                log.warning("the database is locked by another process; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                waited += delay
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._commit(batch)
             except BaseException as exc:
                 for write in batch:
                     if write.future is not None and not write.future.done():
@@ -860,7 +901,9 @@ class Store:
             for write, result in zip(batch, results, strict=True):
                 if write.future is None or write.future.done():
                     continue
-                if isinstance(result, Exception):
+                if isinstance(result, sqlite3.OperationalError):
+                    write.future.set_exception(self._translated(result))
+                elif isinstance(result, Exception):
                     write.future.set_exception(result)
                 else:
                     write.future.set_result(result)

@@ -220,6 +220,8 @@ class SlackTransport:
         )
         http_mode = cfg.mode == "http"
         app = AsyncApp(
+            # A name, or bolt finds one with inspect.stack(): tens of ms on the event loop.
+            name="podbay",
             client=self._client,
             signing_secret=cfg.signing_secret.get_secret_value() if http_mode else None,
             request_verification_enabled=http_mode,

@@ -134,7 +134,7 @@ def test_commands_fail_clearly_while_docker_is_down_and_podbay_recovers_by_itsel
         # A new project fails at once, saying Docker, and leaves nothing behind.
         since = podbay.say("new project during")
         failed = podbay.wait_for("new project during failed", since=since, timeout=60)
-        assert "Could not create during: docker " in failed, failed
+        assert "Could not create during: The Docker engine is not reachable" in failed, failed
         assert [row[0] for row in query(db, "SELECT name FROM projects")] == ["before"]
         assert not (projects / "during").exists()
 

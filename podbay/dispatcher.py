@@ -286,7 +286,8 @@ class Dispatcher:
         if size > limit:
             await self._refuse(
                 inbound,
-                _excerpt(inbound.text, 200),
+                # Redacted before it is cut: a cut can leave a secret unrecognisable.
+                _excerpt(self.registry.redact(inbound.text[:4096]), 200),
                 f"too long: {size} bytes",
                 f"That message is too long ({_kib(size)}; the limit is {_kib(limit)}, "
                 "`dispatcher.max_message_bytes`). Nothing was done: send it in parts, or "

@@ -191,6 +191,10 @@ class AgentCliStore:
         if cli is not None:
             return cli
         lock = self._locks.setdefault((name, version), asyncio.Lock())
+        if lock.locked() and progress is not None:
+            # Another run is fetching it right now: this one waits for that, and says so.
+            await progress(f"Fetching {name} {version} from npm (first use only; cached)…")
+            progress = None
         async with lock:
             cli = await asyncio.to_thread(_read_marker, self.root / name / version)
             if cli is not None:

@@ -491,6 +491,8 @@ class ProjectManager:
     ) -> tuple[Path, bool, tuple[int, int] | None]:
         """(resolved path, whether it exists, its identity): resolved once, here."""
         projects = self.settings.projects
+        if request.path and any(ord(c) < 32 for c in request.path):
+            raise UserError("--path contains a control character (NUL, newline …); remove it.")
         raw = Path(request.path).expanduser() if request.path else projects.root / request.name
         if not raw.is_absolute():
             raise UserError(f"--path must be absolute (e.g. /home/me/code/app), got {raw}.")

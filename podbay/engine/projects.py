@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from podbay.errors import UserError
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,38}")  # fullmatch: "$" would let a final "\n" in
 
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:(?!/)[^\s]+$")
 
 
 def validate_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise UserError(
-            f"Invalid project name {name[:60]!r}: use 1-39 characters, lowercase letters, digits "
-            "and '-', starting with a letter (e.g. `my-app`)."
+    if not NAME_RE.fullmatch(name):
+        rule = (
+            f"Invalid project name {name[:60]!r}: use 1-39 characters, lowercase letters, "
+            "digits and '-', starting with a letter (e.g. `my-app`)."
         )
+        odd = next((c for c in name if not c.isascii() or not c.isprintable()), None)
+        if odd is not None:
+            # A look-alike (Cyrillic "е", fullwidth, an invisible joiner) is named, or the
+            # name looks right and the user cannot see what is wrong.
+            described = unicodedata.name(odd, "a control character")
+            rule += (
+                f" It contains U+{ord(odd):04X} ({described}), which is not one of those "
+                "even if it looks like one."
+            )
+        raise UserError(rule)
     return name
 
 
@@ -28,6 +39,8 @@ def validate_stack(stack: str, known: tuple[str, ...]) -> str:
 
 def validate_git_url(url: str) -> str:
     """Allow https://, ssh:// and scp-like user@host:path; refuse anything git could abuse."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise UserError("Invalid git URL: it contains a control character (NUL, newline …).")
     if url.startswith("-"):
         raise UserError("Invalid git URL: it must not start with '-'.")
     lowered = url.lower()

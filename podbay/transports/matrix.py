@@ -459,8 +459,13 @@ class MatrixTransport:
         return "submitted"
 
     async def _reaction(self, room_id: str, event: Any) -> str:
-        relates = event.source.get("content", {}).get("m.relates_to", {})
+        content = event.source.get("content")
+        relates = content.get("m.relates_to") if isinstance(content, dict) else None
+        if not isinstance(relates, dict):
+            return "ignored"  # not a reaction we could read: nothing to answer
         key, target = relates.get("key", ""), relates.get("event_id", "")
+        if not isinstance(key, str) or not isinstance(target, str):
+            return "ignored"
         answers: dict[str, ActionKind] = {"✅": "confirm", "✔️": "confirm", "❌": "cancel"}
         answer = answers.get(key)
         proposal = self._confirmations.get(target)
@@ -489,8 +494,10 @@ class MatrixTransport:
         return tuple(dict.fromkeys(n for n in names if n))
 
     def _mentions_me(self, event: Any) -> bool:
-        mentions = event.source.get("content", {}).get("m.mentions", {})
-        if self.user_id in mentions.get("user_ids", []):
+        content = event.source.get("content")
+        mentions = content.get("m.mentions") if isinstance(content, dict) else None
+        user_ids = mentions.get("user_ids") if isinstance(mentions, dict) else None
+        if isinstance(user_ids, list) and self.user_id in user_ids:
             return True
         formatted = event.formatted_body or ""
         return bool(re.search(rf"matrix\.to/#/{re.escape(self.user_id)}", formatted))

@@ -30,9 +30,12 @@ import asyncio
 import contextlib
 import html
 import importlib
+import json
 import logging
+import math
 import re
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -189,6 +192,7 @@ class SlackTransport:
         self._response_urls: OrderedDict[str, str] = OrderedDict()
         self._edits: dict[tuple[str, str], _Edit] = {}
         self._names: dict[str, str] = {}
+        self._verifier: Any = None
         if config.mode == "http" and http is not None:
             http.add_route("POST", EVENTS_PATH, self._http_events)
 
@@ -219,12 +223,17 @@ class SlackTransport:
             ],
         )
         http_mode = cfg.mode == "http"
+        if http_mode:
+            from slack_sdk.signature import SignatureVerifier
+
+            self._verifier = SignatureVerifier(cfg.signing_secret.get_secret_value())
         app = AsyncApp(
             # A name, or bolt finds one with inspect.stack(): tens of ms on the event loop.
             name="podbay",
             client=self._client,
-            signing_secret=cfg.signing_secret.get_secret_value() if http_mode else None,
-            request_verification_enabled=http_mode,
+            # Requests are verified in _http_events, before anything parses them.
+            signing_secret=None,
+            request_verification_enabled=False,
             logger=logging.getLogger("podbay.transports.slack.bolt"),
         )
         app.command(cfg.slash_command)(self._on_command)
@@ -313,13 +322,41 @@ class SlackTransport:
     # -- inbound ----------------------------------------------------------------------
 
     async def _http_events(self, request: web.Request) -> web.StreamResponse:
-        from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+        """Signature first (Slack's v0 HMAC of the raw body, 5 minutes), then podbay parses
+        the body itself and hands bolt the result: nothing unsigned reaches a parser, a
+        malformed signed body is a 400, and a slash command's text may say "payload"."""
+        from aiohttp import web
+        from slack_bolt.adapter.aiohttp import to_aiohttp_response
+        from slack_bolt.request.async_request import AsyncBoltRequest
 
-        if self._app is None:
-            from aiohttp import web
-
+        if self._app is None or self._verifier is None:
             return web.Response(status=503, text="podbay is starting")
-        bolt_response = await self._app.async_dispatch(await to_bolt_request(request))
+        raw = await request.read()
+        if not self._verifier.is_valid_request(raw, dict(request.headers)):
+            return web.Response(status=401, text="invalid signature")
+        try:
+            body = parse_body(raw, request.content_type)
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            log.warning("Slack: a signed request with an unreadable body was refused")
+            return web.Response(status=400, text="unreadable body")
+        try:
+            # Already verified and parsed: bolt takes a parsed body only as "socket_mode"
+            # (which changes nothing else for a request podbay has checked itself).
+            bolt_request = AsyncBoltRequest(
+                body=body,
+                query=request.query_string,
+                headers=dict(request.headers),
+                mode="socket_mode",
+            )
+            bolt_response = await self._app.async_dispatch(bolt_request)
+        except Exception as exc:
+            log.warning("Slack: a request bolt could not handle was refused: %s", describe(exc))
+            return web.Response(status=400, text="unexpected request")
+        if bolt_response.status >= 500:
+            # bolt answers 500 when a matcher trips over a malformed (signed) payload; a
+            # retry by Slack would not fare better.
+            log.warning("Slack: a request of an unexpected shape was refused")
+            return web.Response(status=400, text="unexpected request")
         return await to_aiohttp_response(bolt_response)
 
     def _background(self, work: Awaitable[None]) -> None:
@@ -356,9 +393,8 @@ class SlackTransport:
 
     async def _on_command(self, ack: Any, body: dict[str, Any]) -> None:
         await ack()  # within Slack's 3 s, whatever the work takes
-        channel = str(body.get("channel_id") or "")
-        user = str(body.get("user_id") or "")
-        if not channel or not user:
+        channel, user = body.get("channel_id"), body.get("user_id")
+        if not _strings(channel, user, body.get("text", "")) or not channel or not user:
             return
         if url := body.get("response_url"):
             self._response_urls[channel] = str(url)
@@ -398,11 +434,15 @@ class SlackTransport:
         return not user or user == self.bot_user_id
 
     async def _message(self, event: dict[str, Any], *, mentioned: bool) -> None:
-        channel, ts = str(event.get("channel") or ""), str(event.get("ts") or "")
-        if not channel or not ts:
+        channel, ts, text = event.get("channel"), event.get("ts"), event.get("text", "")
+        # Only strings: a number or an object where text belongs is not a message.
+        if not _strings(channel, ts, event.get("user"), text) or not channel or not ts:
+            return
+        thread_ts = event.get("thread_ts") or ""
+        if not isinstance(thread_ts, str):
             return
         direct = event.get("channel_type") == "im" or channel.startswith("D")
-        thread = str(event.get("thread_ts") or "")
+        thread = thread_ts
         session = SessionKey(self.name, channel, thread if thread and thread != ts else "")
         self._latest.pop(session, None)
         self._latest[session] = ts  # newest last: the oldest sessions are forgotten first
@@ -425,16 +465,18 @@ class SlackTransport:
 
     async def _on_action(self, ack: Any, body: dict[str, Any]) -> None:
         await ack()
-        actions = body.get("actions") or []
-        channel = str((body.get("channel") or {}).get("id") or "")
-        user = (body.get("user") or {}).get("id")
-        if not actions or not channel or not user:
+        actions = body.get("actions")
+        channel = _dict(body.get("channel")).get("id")
+        user = _dict(body.get("user")).get("id")
+        if not isinstance(actions, list) or not actions or not _strings(channel, user):
             return
-        clicked = actions[0]
+        clicked = _dict(actions[0])
+        if not channel or not user or not isinstance(clicked.get("value"), str):
+            return
         kind: ActionKind = (
             "confirm" if str(clicked.get("action_id")).endswith("confirm") else "cancel"
         )
-        message = body.get("message") or {}
+        message = _dict(body.get("message"))
         thread = str(message.get("thread_ts") or "")
         session = SessionKey(self.name, channel, thread if thread != message.get("ts") else "")
         sender = await self._sender(str(user), str((body.get("user") or {}).get("name") or ""))
@@ -647,6 +689,20 @@ class SlackCallError(TransportError):
         self.error = error
 
 
+def parse_body(raw: bytes, content_type: str) -> dict[str, Any]:
+    """A Slack request body as bolt expects it: the JSON of an Events API call, the form
+    of a slash command, or the JSON inside an interactivity form's single ``payload``."""
+    text = raw.decode("utf-8")
+    if content_type == "application/json" or text.startswith("{"):
+        body = json.loads(text)
+    else:
+        form = dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=False))
+        body = json.loads(form["payload"]) if set(form) == {"payload"} else form
+    if not isinstance(body, dict):
+        raise ValueError("not an object")
+    return body
+
+
 def _import_sdk(mode: str) -> None:
     modules = [
         "slack_bolt.async_app",
@@ -657,6 +713,14 @@ def _import_sdk(mode: str) -> None:
         modules.append("slack_bolt.adapter.socket_mode.async_handler")
     for module in modules:
         importlib.import_module(module)
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _strings(*values: object) -> bool:
+    return all(isinstance(v, str) for v in values)
 
 
 def _slack_error(exc: BaseException) -> str:
@@ -671,9 +735,10 @@ def _slack_error(exc: BaseException) -> str:
 
 def _float(value: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 async def _doctor(settings: Settings, cfg: SlackTransportConfig) -> DoctorReport:

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -282,7 +283,7 @@ class WhatsAppTransport:
             return web.Response(status=401, text="bad signature")
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return web.Response(status=400, text="not JSON")
         if not isinstance(payload, dict):
             return web.Response(status=400, text="not a webhook payload")
@@ -302,13 +303,19 @@ class WhatsAppTransport:
                     await self._meta_message(message, names)
 
     async def _meta_message(self, message: dict[str, Any], names: dict[str, str]) -> None:
-        wa_id, wamid = str(message.get("from") or ""), str(message.get("id") or "")
-        if not wa_id.isdigit() or not wamid:
+        wa_id, wamid = message.get("from"), message.get("id")
+        # Only strings: a number or a list where text belongs is not a message.
+        if not isinstance(wa_id, str) or not isinstance(wamid, str) or not wamid:
+            return
+        if not (wa_id.isascii() and wa_id.isdigit()):
             return
         kind = message.get("type")
         action: Action | None = None
         if kind == "text":
-            text = str(_dict(message.get("text")).get("body") or "")
+            body = _dict(message.get("text")).get("body")
+            if not isinstance(body, str):
+                return
+            text = body
         elif kind == "interactive":
             reply = _dict(_dict(message.get("interactive")).get("button_reply"))
             action = _button_action(str(reply.get("id") or ""))
@@ -355,7 +362,13 @@ class WhatsAppTransport:
     async def _twilio_webhook(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
-        form = {key: str(value) for key, value in (await request.post()).items()}
+        try:
+            form = {key: str(value) for key, value in (await request.post()).items()}
+        except web.HTTPException:
+            raise  # 413 and friends answer for themselves
+        except Exception as exc:
+            log.warning("WhatsApp: an unreadable Twilio webhook body was refused (%s)", exc)
+            return web.Response(status=400, text="unreadable form")
         signature = request.headers.get("X-Twilio-Signature", "")
         token = self.config.auth_token.get_secret_value()
         expected = twilio_signature(self._twilio_url(request), form, token)
@@ -550,10 +563,12 @@ def _json(text: str) -> dict[str, Any]:
 
 
 def _float(value: object) -> float:
+    """A finite number, or 0.0 ("nan" and "1e999" are not timestamps)."""
     try:
-        return float(str(value))
+        number = float(str(value))
     except ValueError:
         return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 async def _doctor(settings: Settings, cfg: WhatsAppTransportConfig) -> DoctorReport:

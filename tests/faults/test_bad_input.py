@@ -461,3 +461,69 @@ async def test_a_message_of_exactly_the_limit_is_accepted(harness: Harness) -> N
     await asyncio.wait_for(harness.dispatcher.drain(), 30)
     assert [r.request.prompt for r in harness.agent.runs] == [text]
     assert not any("too long" in t for t in harness.transport.texts())
+
+
+# -- defects found by this file (kept out of the tree until podbay is fixed) ---------------
+
+
+async def test_a_name_with_a_trailing_newline_is_refused_before_anything_is_made(
+    dh: DockerHarness, tmp_path: Path
+) -> None:
+    # NAME_RE ends in "$", which also matches before a final "\n": the name passes,
+    # keys, folder and repository are made, and Docker refuses the container name.
+    before = tree(tmp_path)
+    reply = await refused(dh, "new project 'demo\n'", "Invalid project name")
+    assert NAME_RULE in reply and "docker create" not in reply
+    assert await leftovers(dh) == []
+    assert tree(tmp_path) == before
+    assert await job_count(dh) == 0, "refused before any job started"
+
+
+async def test_a_path_with_a_nul_byte_gets_a_clear_error(dh: DockerHarness, tmp_path: Path) -> None:
+    # os.path.realpath raises ValueError ("embedded null byte"): the user sees only
+    # "Something went wrong (ref …)".
+    before = tree(tmp_path)
+    reply = await refused(dh, f"new project nul --path '{dh.projects_root}/a\x00b'", "--path")
+    assert "Something went wrong" not in reply and "ref `" not in reply
+    assert await leftovers(dh) == []
+    assert tree(tmp_path) == before
+
+
+async def test_a_git_url_with_a_nul_byte_is_refused_before_anything_is_made(
+    dh: DockerHarness, tmp_path: Path
+) -> None:
+    # validate_git_url accepts it; the job makes keys and folder, then git cannot be
+    # started ("embedded null byte") and the user reads "failed (internal error, ref …)".
+    before = tree(tmp_path)
+    reply = await refused(dh, "new project nulgit --git 'https://127.0.0.1:1/x\x00y'", "git URL")
+    assert "internal error" not in reply and "ref `" not in reply
+    assert await leftovers(dh) == []
+    assert tree(tmp_path) == before
+    assert await job_count(dh) == 0, "refused before any job started"
+
+
+async def test_a_look_alike_letter_in_a_name_is_pointed_out(
+    dh: DockerHarness, tmp_path: Path
+) -> None:
+    # 'dеmo' has a Cyrillic 'е' (U+0435): the refusal quotes a name that looks valid and
+    # says "lowercase letters", which it is; the user cannot tell what is wrong.
+    reply = await refused(dh, "new project d\u0435mo", "Invalid project name")
+    assert "U+0435" in reply or "\\u0435" in reply, reply
+    assert await leftovers(dh) == []
+
+
+@pytest.mark.parametrize("at", [170, 175])
+async def test_a_secret_cut_by_the_stored_excerpt_of_an_oversized_message_stays_masked(
+    harness: Harness, at: int
+) -> None:
+    # The refusal stores a 200-character excerpt, cut BEFORE redaction: a password near the
+    # end loses the "@host" that made it recognisable and is stored, in part, in the clear.
+    password = "Zq7" + "k3Rw9pLm2Xv8Tn4Yb6Hd"
+    url = f"https://alice:{password}@example.org/x.git"
+    text = "a" * at + " " + url + " " + "b" * 70_000
+    await harness.transport.say(text, user="alice")
+    await asyncio.wait_for(harness.dispatcher.drain(), 30)
+    assert any("too long" in t for t in harness.transport.texts())
+    rows = _all_rows(harness.settings.data_dir / "podbay.db")
+    leaked = [password[:n] for n in range(6, len(password) + 1) if password[:n] in rows]
+    assert leaked == [], f"{leaked[-1]!r} of the password is stored in the clear"

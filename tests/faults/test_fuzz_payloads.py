@@ -769,3 +769,200 @@ def _run(step: Awaitable[Any]) -> Any:
         return await step
 
     return asyncio.run(main())
+
+
+# -- defects found by this file (kept out of the tree until podbay is fixed) ---------------
+
+# Fields slack-bolt reads while it builds its request, before it checks the signature.
+_BOLT_READS = ["user", "channel", "team", "enterprise", "authorizations", "is_enterprise_install",
+               "user_id", "channel_id", "team_id", "enterprise_id", "event", "message",
+               "previous_message", "item", "assistant_thread", "view", "thread_ts",
+               "function_data", "type", "actions"]  # fmt: skip
+_DEEP = [b"[" * 100_000, b'{"a":' * 50_000, b'{"event":' + b"[" * 60_000]
+_ANY_SLACK_BODY = st.one_of(
+    st.binary(max_size=300),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(_BOLT_READS), JSON, max_size=5).map(
+        lambda d: json.dumps(d).encode()
+    ),
+    JSON.map(lambda v: b"payload=" + urllib.parse.quote(json.dumps(v)).encode()),
+)
+
+
+@shared(60)
+@given(body=_ANY_SLACK_BODY, content_type=st.sampled_from(["application/json", FORM, "text/plain"]))
+async def test_any_unsigned_slack_request_is_refused_with_401(
+    slack: Any, body: bytes, content_type: str
+) -> None:
+    # Today slack-bolt parses the body BEFORE it checks the signature: malformed JSON,
+    # invalid UTF-8, a JSON array, {"user": 0} or deep nesting raise in AsyncBoltRequest
+    # and get a 500, with a traceback in podbay's log, from anyone who can reach the URL.
+    assert await slack_post(slack, body, content_type, signed=False) == 401
+    await slack_still_answers(slack)
+    await _nothing_executed(slack)
+
+
+@shared(60)
+@given(
+    body=st.one_of(
+        st.dictionaries(st.sampled_from(_BOLT_READS), JSON, max_size=6).map(
+            lambda d: json.dumps({"type": "event_callback", **d}).encode()
+        ),
+        st.fixed_dictionaries(
+            {"type": st.just("block_actions"), "actions": JSON, "user": JSON, "channel": JSON}
+        ).map(lambda d: b"payload=" + urllib.parse.quote(json.dumps(d)).encode()),
+    )
+)
+async def test_a_signed_slack_request_of_any_shape_never_gets_a_5xx(
+    slack: Any, body: bytes
+) -> None:
+    # {"event": "x"}, {"authorizations": "x"}, "actions": "x" or [{"action_id": 5}] raise in
+    # slack-bolt's extractors or matchers: 500.
+    content_type = FORM if body.startswith(b"payload=") else "application/json"
+    await slack_post(slack, body, content_type)
+    await slack_still_answers(slack)
+    await _nothing_executed(slack)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("body", _DEEP, ids=["array", "object", "event"])
+async def test_a_deeply_nested_slack_body_gets_no_5xx(
+    slack: Any, body: bytes, signed: bool
+) -> None:
+    # RecursionError in json.loads, inside AsyncBoltRequest: 500 (unsigned too).
+    status = await slack_post(slack, body, "application/json", signed=signed)
+    assert status == (400 if signed else 401)
+    await slack_still_answers(slack)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("text", "explain the payload parser"), ("channel_name", "payload-team")],
+    ids=["in-the-text", "in-the-channel-name"],
+)
+async def test_a_slash_command_mentioning_payload_is_answered(
+    slack: Any, field: str, value: str
+) -> None:
+    # slack-bolt's parse_body takes any form body containing the word "payload" for an
+    # interactivity payload; without a `payload` field it returns {} and answers 404, so
+    # "/podbay explain the payload parser", or any command from #payload-team, is lost.
+    form = slack.fake.slash_command("explain the build", user_id=ALICE_SLACK)
+    form[field] = value
+    assert await slack_post(slack, urllib.parse.urlencode(form).encode(), FORM) == 200
+    await _settle(slack.bot, slack.transport._tasks)
+    assert [r.request.prompt for r in slack.agent.runs] == [form["text"]]
+
+
+@shared(40)
+@given(
+    field=st.sampled_from(["text", "channel", "ts"]),
+    value=st.one_of(
+        st.integers(min_value=1), st.lists(st.text(min_size=1), min_size=1), st.just({"a": 1})
+    ),
+)
+async def test_a_wrong_typed_slack_field_is_not_read_as_text(
+    slack: Any, field: str, value: Any
+) -> None:
+    # podbay str()s whatever it finds: {"text": 5} runs the agent on "5", a dict channel
+    # becomes the conversation "{'a': 1}".
+    event = _slack.message_event(
+        "fix the build", channel="D0009", channel_type="im", kind="message"
+    )
+    event[field] = value
+    await slack_post(
+        slack, json.dumps(slack.fake.event_callback(event)).encode(), "application/json"
+    )
+    await slack_still_answers(slack)
+    await _nothing_executed(slack)
+
+
+async def test_a_deeply_nested_meta_body_is_refused_with_400(meta: Any) -> None:
+    # json.loads raises RecursionError (not a ValueError) on deep nesting: 500.
+    for body in (b"[" * 100_000, b'{"entry":' * 50_000):
+        assert await meta_post(meta, body) == 400
+    await meta_still_answers(meta)
+
+
+@pytest.mark.parametrize("timestamp", ["nan", "NaN", "-nan"])
+async def test_a_meta_message_with_a_nan_timestamp_is_still_answered(
+    meta: Any, timestamp: str
+) -> None:
+    # _float("nan") is NaN, stored as NULL: "NOT NULL constraint failed: inbox.received_at",
+    # and the sender is told "I could not store that message".
+    payload = meta.graph.text_message("whoami", wa_id=ALICE_WA)
+    payload["entry"][0]["changes"][0]["value"]["messages"][0]["timestamp"] = timestamp
+    assert await meta_post(meta, json.dumps(payload).encode()) == 200
+    await _settle(meta.bot, meta.transport._tasks)
+    texts = [str(c.body.get("text")) for c in meta.graph.messages()]
+    assert not any("could not store" in t for t in texts), texts
+    assert any("You are `whatsapp:+15550001111`" in t for t in texts), texts
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("from", int(ALICE_WA)), ("id", 7), ("id", 7.5), ("id", True),
+     ("body", 5), ("body", 2.5), ("body", True)],
+)  # fmt: skip
+async def test_a_wrong_typed_meta_field_is_not_coerced_into_a_message(
+    meta: Any, field: str, value: Any
+) -> None:
+    # str() makes 15550001111 Alice's number, 7 a message id and 5 a prompt: podbay runs it.
+    payload = meta.graph.text_message("fix the build", wa_id=ALICE_WA)
+    message = payload["entry"][0]["changes"][0]["value"]["messages"][0]
+    if field == "body":
+        message["text"]["body"] = value
+    else:
+        message[field] = value
+    assert await meta_post(meta, json.dumps(payload).encode()) == 200
+    await meta_still_answers(meta)
+    await _nothing_executed(meta)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"\xff\xfe=\xff", FORM),
+        (b"--x\r\nbad", "multipart/form-data; boundary=x"),
+        (b"a=1", "multipart/form-data"),
+    ],
+    ids=["invalid-utf8", "bad-multipart", "no-boundary"],
+)
+async def test_an_unsigned_malformed_twilio_body_is_refused_without_a_500(
+    twilio: Any, body: bytes, content_type: str
+) -> None:
+    # request.post() raises (UnicodeDecodeError, InvalidHeader, "boundary missed") before
+    # the signature is checked: anyone gets a 500 and a traceback in the log.
+    async with twilio.http.post(
+        twilio.url(TWILIO_PATH), data=io.BytesIO(body), headers={"Content-Type": content_type}
+    ) as response:
+        await response.read()
+    assert response.status in (400, 403)
+    await twilio_still_answers(twilio)
+    await _nothing_executed(twilio)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    content=st.one_of(
+        st.builds(
+            lambda m: {"msgtype": "m.text", "body": "hi @podbay", "m.mentions": m},
+            st.one_of(NOT_A_DICT, st.builds(lambda u: {"user_ids": u}, NOT_A_LIST)),
+        ),
+        st.builds(lambda r: {"m.relates_to": r}, JSON),
+    ),
+)
+def test_a_matrix_event_with_odd_mentions_or_relations_never_fails(
+    tmp_path_factory: pytest.TempPathFactory, content: dict[str, Any]
+) -> None:
+    # _mentions_me and _reaction call .get on whatever "m.mentions" / "m.relates_to" hold
+    # (nio does not validate them): AttributeError or TypeError, and every room member,
+    # allowed or not, makes podbay post "A message here could not be handled (ref …)".
+    import nio
+
+    transport, _ = _matrix_transport(tmp_path_factory.mktemp("mx"))
+    event_type = "m.reaction" if "m.relates_to" in content else "m.room.message"
+    event = nio.Event.parse_event(
+        {"type": event_type, "event_id": "$e", "sender": "@eve:example.org",
+         "origin_server_ts": int(time.time() * 1000), "content": content}
+    )  # fmt: skip
+    assert _run(transport._event("!room:example.org", event, False)) in {"ignored", "submitted"}

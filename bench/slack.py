@@ -3,7 +3,7 @@
 Run: .venv/bin/python bench/slack.py [--no-matrix]   (writes bench/results/slack.json)
 Both sides serve Slack's HTTP Events API on 127.0.0.1 and talk to the same fake Slack
 (tests/fakes/slack_api.py). podbay is a real ``Podbay`` with the Slack plugin, wired as
-tests/transports/slack/conftest.py wires it (FakeAgent, docker=False); the baseline is
+tests/fakes/slack_world.py wires it (FakeAgent, docker=False); the baseline is
 slack_bolt's minimal ``AsyncApp`` that acks and says "hello", behind a tiny aiohttp app.
 Each sample is one signed ``/podbay whoami`` slash command, sent alone (no queueing): ack
 = until the HTTP response is read; first reply = until the fake sees the chat.postMessage
@@ -49,17 +49,6 @@ CHANNELS = [f"C{n:04d}" for n in range(1, 11)]
 MATRIX_SAMPLES = 30
 MATRIX_WARMUP = 3
 ACK_GOAL = 1.2  # the [bench] issue: podbay's ack within 1.2x the bare slack_bolt app
-
-
-def _slack_conftest() -> Any:
-    """tests/transports/slack/slack_world.py, loaded by path (it is not on sys.path here)."""
-    path = ROOT / "tests" / "transports" / "slack" / "slack_world.py"
-    spec = importlib.util.spec_from_file_location("slack_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def machine() -> dict[str, Any]:
@@ -161,10 +150,13 @@ async def start_baseline(fake: FakeSlack) -> tuple[web.AppRunner, str]:
 
 
 async def slack(tmp: Path) -> dict[str, Any]:
-    conftest = _slack_conftest()
+    import fakes.slack_world as conftest
+
     fake = FakeSlack()
     await fake.start()
     settings = conftest.slack_settings(fake, tmp / "data")
+    # One benchmark user sends hundreds of commands: the per-sender limit would trip.
+    settings.dispatcher.rate_limit_per_minute = 0
     bot = Podbay(settings, agent=FakeAgent(auto_release=0.0), docker=False)
     await bot.start()
     runner, baseline_url = await start_baseline(fake)

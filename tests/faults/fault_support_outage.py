@@ -1,8 +1,6 @@
 """Helpers of the outage and storage fault tests (tests/faults/test_outages.py and
 test_storage_faults.py).
 
-- ``load_module`` imports a test helper module by path under a name of its own: the
-  Slack and WhatsApp worlds live in directories that are not on ``sys.path`` from here.
 - ``WriteLock`` is another SQLite connection (as a second process would have) holding the
   database's write lock from a thread until the test lets go.
 - ``fill`` fills a filesystem up to its last byte.
@@ -12,32 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import os
 import sqlite3
-import sys
 import threading
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 
 TESTS = Path(__file__).resolve().parent.parent
-
-
-def load_module(name: str, relative: str) -> ModuleType:
-    """``tests/<relative>`` imported as module ``name`` (registered in ``sys.modules``,
-    which dataclasses need)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TESTS / relative)
-    assert spec is not None and spec.loader is not None, relative
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 class WriteLock:

@@ -23,17 +23,16 @@ Slack (signed slash commands to /slack/events) and WhatsApp Meta (signed webhook
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 import sqlite3
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
+import fakes.slack_world as slack_world
+import fakes.wa_world as wa_world
 from fakes.agent import FakeAgent
 from fakes.slack_api import FakeSlack
 from fakes.transport import MemoryTransport
@@ -50,20 +49,6 @@ from podbay.messages import SessionKey
 TESTS = Path(__file__).resolve().parent.parent
 README = TESTS.parent / "README.md"
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    """Import a test helper module by path under a name of its own (never "slack_world",
-    which the Slack tests' conftest may have imported already)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-slack_world = _load("authz_slack_world", TESTS / "transports/slack/slack_world.py")
-wa_world = _load("authz_wa_world", TESTS / "transports/whatsapp/wa_world.py")
 
 # -- the README table ------------------------------------------------------------------
 

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import itertools
 import json
-import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
+import fakes.slack_world as _slack
+import fakes.wa_world as _wa
 import pytest
 from fakes.agent import FakeAgent
 from fakes.slack_api import FakeSlack
@@ -52,22 +51,6 @@ from podbay.transports.slack import plain_text
 from podbay.transports.whatsapp import META_PATH, TWILIO_PATH
 
 TESTS = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    """A helper module of another test directory, under a name no other file uses."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_slack = _load("faults_fuzz_slack_world", TESTS / "transports" / "slack" / "slack_world.py")
-_wa = _load("faults_fuzz_wa_world", TESTS / "transports" / "whatsapp" / "wa_world.py")
 
 
 def shared(max_examples: int) -> settings:

@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fault_support_outage import load_module
+import fakes.slack_world as _slack
+import fakes.wa_world as _wa
+from fakes.slack_world import World as SlackWorld
+from fakes.slack_world import slack_world
+from fakes.wa_world import World as WaWorld
+from fakes.wa_world import meta_world
 
-# Loaded by path under names of their own (their directories are not on sys.path here);
-# the fixtures are re-exported so that pytest finds them in this module.
-_slack = load_module("faults_outage_slack_world", "transports/slack/slack_world.py")
-_wa = load_module("faults_outage_wa_world", "transports/whatsapp/wa_world.py")
-slack_world = _slack.slack_world
-meta_world = _wa.meta_world
-
-SlackWorld = Any  # slack_world.World
-WaWorld = Any  # wa_world.World
+__all__ = ["meta_world", "slack_world"]  # the fixtures, for pytest to find here
 
 
 def slack_posts(world: SlackWorld, fragment: str) -> list[Any]:

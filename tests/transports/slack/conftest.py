@@ -1,6 +1,6 @@
-"""Fixtures for the Slack tests (the world itself lives in slack_world.py, importable by
+"""Fixtures for the Slack tests (the world itself lives in fakes/slack_world.py, importable by
 name from any test directory)."""
 
-from slack_world import slack_world, socket_world
+from fakes.slack_world import slack_world, socket_world
 
 __all__ = ["slack_world", "socket_world"]

@@ -11,8 +11,8 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from fakes.slack_world import ALICE, BOB, EVE, World, block_actions, message_event
 from pydantic import SecretStr
-from slack_world import ALICE, BOB, EVE, World, block_actions, message_event
 
 from podbay.config import Settings
 from podbay.errors import ConfigError

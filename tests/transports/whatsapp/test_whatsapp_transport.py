@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wa_world import ALICE, BOB, EVE, PUBLIC, World
+from fakes.wa_world import ALICE, BOB, EVE, PUBLIC, World
 
 from podbay.config import load_settings
 from podbay.engine.agents import FinishedEvent, TextEvent
@@ -207,8 +207,8 @@ async def test_twilio_bad_signatures_are_refused(twilio_world: World) -> None:
 
 
 async def test_twilio_forwarded_headers_when_allowed(tmp_path: Path) -> None:
+    from fakes.wa_world import _world, twilio_settings
     from fakes.whatsapp_api import FakeTwilio
-    from wa_world import _world, twilio_settings
 
     async with FakeTwilio() as twilio:
         settings = twilio_settings(twilio, tmp_path / "d", trust_forwarded_headers=True)

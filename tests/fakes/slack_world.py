@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import secrets
-import sqlite3
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,14 +17,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from fakes.agent import FakeAgent
 from fakes.slack_api import FakeSlack
-
+from fakes.worlds import all_rows, wipe_registry
 from podbay.bot import Podbay
-from podbay.commands.catalog import build_registry
-from podbay.commands.context import CommandContext
-from podbay.commands.registry import CommandSpec, Invocation, Positional, Registry
-from podbay.commands.roles import Role
 from podbay.config import Settings
 from podbay.transports.slack import EVENTS_PATH, SlackTransport
 
@@ -91,14 +87,7 @@ class World:
 
     def rows(self) -> str:
         """Every row of every table, as text (to search for secrets)."""
-        db = sqlite3.connect(self.data_dir / "podbay.db")
-        try:
-            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            return "\n".join(
-                repr(row) for table in tables for row in db.execute(f"SELECT * FROM {table}")
-            )
-        finally:
-            db.close()
+        return all_rows(self.data_dir / "podbay.db")
 
 
 def message_event(
@@ -160,26 +149,6 @@ def block_actions(
             }
         ],
     }
-
-
-def wipe_registry(wiped: list[str]) -> Registry:
-    """The real commands plus `wipe <thing>`, a destructive command that asks first."""
-
-    async def wipe(ctx: CommandContext, inv: Invocation) -> None:
-        async def action() -> None:
-            wiped.append(inv.args["thing"])
-            await ctx.reply(f"wiped {inv.args['thing']}")
-
-        await ctx.propose(f"Wipe {inv.args['thing']}?", action)
-
-    registry = build_registry()
-    registry.add(
-        CommandSpec(
-            "wipe", "test", wipe, kind="job", role=Role.OPERATOR,
-            positionals=(Positional("thing"),),
-        )
-    )  # fmt: skip
-    return registry
 
 
 def slack_settings(fake: FakeSlack, data_dir: Path, **slack: Any) -> Settings:

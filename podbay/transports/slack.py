@@ -496,9 +496,15 @@ class SlackTransport:
 
     # -- outbound ---------------------------------------------------------------------
 
-    def _blocks(self, reply: Reply) -> tuple[str, list[dict[str, Any]]]:
-        chunks = split_rendered(reply.text or " ", SECTION_LIMIT, markdown_to_mrkdwn)
-        rendered = [markdown_to_mrkdwn(chunk) or " " for chunk in chunks]
+    def _blocks(self, reply: Reply, whole: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+        """The message text and its blocks; ``whole`` is the reply already rendered (most
+        replies fit one section, and are then rendered once)."""
+        whole = markdown_to_mrkdwn(reply.text or " ") if whole is None else whole
+        if len(whole) <= SECTION_LIMIT:
+            rendered = [whole or " "]
+        else:
+            chunks = split_rendered(reply.text, SECTION_LIMIT, markdown_to_mrkdwn)
+            rendered = [markdown_to_mrkdwn(chunk) or " " for chunk in chunks]
         blocks: list[dict[str, Any]] = [
             {"type": "section", "text": {"type": "mrkdwn", "text": text}} for text in rendered
         ]
@@ -522,10 +528,11 @@ class SlackTransport:
 
     async def send(self, session: SessionKey, reply: Reply) -> MessageRef:
         channel, thread = session.conversation, session.thread or None
-        if len(markdown_to_mrkdwn(reply.text)) > self.config.file_threshold_chars:
+        whole = markdown_to_mrkdwn(reply.text or " ")
+        if len(whole) > self.config.file_threshold_chars:
             await self._upload(session, reply)
             return MessageRef(session, ())
-        text, blocks = self._blocks(reply)
+        text, blocks = self._blocks(reply, whole)
         private = reply.private_to
         if private is not None and not channel.startswith("D"):
             await self._call(

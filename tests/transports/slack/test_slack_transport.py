@@ -346,3 +346,17 @@ async def test_server_errors_are_retried_and_the_reply_is_sent_once(slack_world:
     await reply_with(slack_world, "slack:UALICE")
     attempts = slack_world.fake.calls_to("chat.postMessage")
     assert [c.failed for c in attempts] == [True, True, False]
+
+
+async def test_a_reply_longer_than_a_section_is_split_into_sections(slack_world: World) -> None:
+    from podbay.engine.agents import FinishedEvent, TextEvent
+
+    paragraphs = [f"Paragraph {i}: " + "word " * 100 for i in range(16)]  # ~8,500 chars
+    slack_world.agent.script = [TextEvent("\n\n".join(paragraphs)), FinishedEvent(ok=True)]
+    await slack_world.event(message_event("<@UPODBAY> explain"))
+    reply = await reply_with(slack_world, "Paragraph 15:")
+    sections = [b["text"]["text"] for b in reply["blocks"] if b["type"] == "section"]
+    assert len(sections) >= 3 and all(len(t) <= 3000 for t in sections)
+    joined = "\n\n".join(sections)
+    assert all(f"Paragraph {i}:" in joined for i in range(16))
+    assert not slack_world.fake.calls_to("files.completeUploadExternal")  # under 12,000

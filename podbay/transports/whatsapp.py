@@ -399,8 +399,12 @@ class WhatsAppTransport:
 
     async def send(self, session: SessionKey, reply: Reply) -> MessageRef:
         limit = META_LIMIT if self.provider == "meta" else TWILIO_LIMIT
-        chunks = split_rendered(reply.text or " ", limit, markdown_to_whatsapp)
-        rendered = [markdown_to_whatsapp(chunk) or " " for chunk in chunks]
+        whole = markdown_to_whatsapp(reply.text or " ") or " "
+        if len(whole) <= limit:
+            rendered = [whole]  # most replies: rendered once
+        else:
+            chunks = split_rendered(reply.text, limit, markdown_to_whatsapp)
+            rendered = [markdown_to_whatsapp(chunk) or " " for chunk in chunks]
         ids: list[str] = []
         buttons = reply.buttons if self.provider == "meta" else ()
         if buttons and len(rendered[-1]) <= BUTTON_BODY_LIMIT:

@@ -81,7 +81,8 @@ class ActiveRun:
 @dataclass
 class _Session:
     key: SessionKey
-    front: deque[tuple[int, Inbound]] = field(default_factory=deque)
+    # (inbox id, message, whether it carries a secret: None when not yet looked at)
+    front: deque[tuple[int, Inbound, bool | None]] = field(default_factory=deque)
     front_task: asyncio.Task[None] | None = None
     pending: list[Pending] = field(default_factory=list)
     first_at: float | None = None
@@ -190,6 +191,7 @@ class Dispatcher:
         # Counters a user (or `status`) can see; never reset while running.
         self.stats = {"runs": 0, "refused": 0, "redeliveries": 0, "denied": 0, "rate_limited": 0}
         self._rate = RateLimiter(self._cfg.rate_limit_per_minute, clock)
+        self._scratch = settings.data_dir.resolve() / "scratch"  # host agents' workdirs
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -294,8 +296,9 @@ class Dispatcher:
                 "put the text in a file in the project and refer to it.",
             )
             return
+        stored = self.registry.redact(inbound.text)
         try:
-            inbox_id = await self.store.inbox_add(inbound, self.registry.redact(inbound.text))
+            inbox_id = await self.store.inbox_add(inbound, stored)
         except Exception as exc:
             ref = secrets.token_hex(4)
             quoted = _excerpt(self.registry.redact(inbound.text), 60)
@@ -322,7 +325,7 @@ class Dispatcher:
             return
         if inbox_id in self._replayed:
             return  # stored before recovery read the inbox: recovery dispatched it
-        self._enqueue(inbox_id, inbound)
+        self._enqueue(inbox_id, inbound, carries_secret=stored != inbound.text)
 
     async def _within_rate(self, inbox_id: int, inbound: Inbound) -> bool:
         """Count the message against its sender's limit; over it, it is recorded and
@@ -375,9 +378,11 @@ class Dispatcher:
             self._idle.clear()
         return state
 
-    def _enqueue(self, inbox_id: int, inbound: Inbound) -> None:
+    def _enqueue(
+        self, inbox_id: int, inbound: Inbound, *, carries_secret: bool | None = None
+    ) -> None:
         state = self._state(inbound.session)
-        state.front.append((inbox_id, inbound))
+        state.front.append((inbox_id, inbound, carries_secret))
         if state.front_task is None:
             state.front_task = asyncio.create_task(
                 self._front(state), name=f"front-{inbound.session}"
@@ -392,9 +397,9 @@ class Dispatcher:
     async def _front(self, state: _Session) -> None:
         try:
             while state.front:
-                inbox_id, inbound = state.front.popleft()
+                inbox_id, inbound, carries_secret = state.front.popleft()
                 try:
-                    await self._handle(state, inbox_id, inbound)
+                    await self._handle(state, inbox_id, inbound, carries_secret)
                 except Exception:
                     # _handle reports its own errors; this is the last line of defence.
                     log.exception("front lane of %s failed on inbox %s", state.key, inbox_id)
@@ -403,7 +408,9 @@ class Dispatcher:
             state.wake.set()  # a flushing lane waits for every message to reach it
             self._maybe_evict(state)
 
-    async def _handle(self, state: _Session, inbox_id: int, inbound: Inbound) -> None:
+    async def _handle(
+        self, state: _Session, inbox_id: int, inbound: Inbound, carries_secret: bool | None
+    ) -> None:
         identity = inbound.sender.identity
         role = role_for(identity, self.settings.access)
         if role is None:
@@ -425,7 +432,8 @@ class Dispatcher:
                 await self.store.inbox_mark([inbox_id], "processing", kind=kind)
                 await self._command(inbound, role, invocation)
             else:
-                carries_secret = self.registry.has_secret(inbound.text)
+                if carries_secret is None:
+                    carries_secret = self.registry.has_secret(inbound.text)
                 if carries_secret:
                     await self._redact_secret(inbound)
                 if carries_secret and not inbound.is_direct:
@@ -453,10 +461,11 @@ class Dispatcher:
                             "Talking to the agent needs the operator role; "
                             f"you are {role.with_article}."
                         )
-                    # A secret never reaches the agent (nor runs.prompt, nor its echo).
-                    await self._accept_freeform(
-                        state, inbox_id, inbound, self.registry.redact(parsed.text)
-                    )
+                    # A secret never reaches the agent (nor runs.prompt, nor its echo). The
+                    # text is the message less a leading address, so a message without a
+                    # secret leaves nothing to redact in it.
+                    prompt = self.registry.redact(parsed.text) if carries_secret else parsed.text
+                    await self._accept_freeform(state, inbox_id, inbound, prompt)
                     return
                 invocation = parsed
                 kind = parsed.spec.kind
@@ -571,7 +580,9 @@ class Dispatcher:
                 ),
             )
             return
-        await self.store.inbox_mark([inbox_id], "processing", kind="freeform")
+        # Not waited for: the run that takes this message is recorded after it (writes
+        # are committed in order), and until then a restart redoes the message.
+        await self.store.inbox_mark([inbox_id], "processing", kind="freeform", wait=False)
         now = self._clock()
         state.pending.append(Pending(inbox_id, inbound.sender, text))
         if state.first_at is None:
@@ -656,7 +667,11 @@ class Dispatcher:
             else None
         )
         name = project.name if project else ""
-        run_id = await self.store.run_create(state.key, name, prompt, self.engine.agent_name)
+        # Recorded without waiting: the run's last write (its messages done) is waited
+        # for, and is committed after this one.
+        run_id = await self.store.run_create(
+            state.key, name, prompt, self.engine.agent_name, inbox_ids=ids, wait=False
+        )
         self.stats["runs"] += 1
         state.running = ActiveRun(run_id, len(batch), self._clock(), name)
         task = state.run_task = asyncio.create_task(
@@ -688,7 +703,7 @@ class Dispatcher:
         if project is not None:
             return Path(project.path)
         digest = hashlib.sha256(str(session).encode()).hexdigest()[:16]
-        return self.settings.data_dir.resolve() / "scratch" / digest
+        return self._scratch / digest
 
     async def _run(
         self,
@@ -700,10 +715,8 @@ class Dispatcher:
         project: ProjectRow | None,
     ) -> None:
         try:
-            await self.store.inbox_attach_run(ids, run_id)
+            # A scratch directory is made by the agent that runs in it (on the host).
             workdir = self._workdir(state.key, project)
-            if project is None:
-                await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True, mode=0o700)
             plan = RunPlan(run_id, state.key, prompt, project, session_row, workdir)
             relay = Relay(self, state.key, verbose=session_row.verbose, clock=self._clock)
             async for event in self.engine.runs.execute(plan):

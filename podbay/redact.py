@@ -64,6 +64,13 @@ def remember_secrets(values: Iterable[str]) -> None:
 
 
 def _names(secret_options: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(secret_options, frozenset):
+        return _frozen_names(secret_options)  # a registry's: asked for every message
+    return tuple(sorted({n.lower() for n in secret_options if n}))
+
+
+@functools.lru_cache(maxsize=16)
+def _frozen_names(secret_options: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted({n.lower() for n in secret_options if n}))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,9 @@ from fakes.transport import MemoryTransport
 from podbay.commands.registry import Registry
 from podbay.config import Settings
 from podbay.dispatcher import Dispatcher
-from podbay.engine.agents import HostCommandAgent
+from podbay.engine.agents import AgentEvent, HostCommandAgent
 from podbay.engine.core import Engine
+from podbay.engine.runs import RunPlan
 from podbay.engine.store import Store
 from podbay.messages import Inbound, Sender, SessionKey
 
@@ -72,15 +73,17 @@ async def test_stop_right_after_a_run_is_recorded_leaves_no_pending_ghost(
 ) -> None:
     store = harness.store
     reached, hold = asyncio.Event(), asyncio.Event()
-    real_attach = store.inbox_attach_run
+    runs = harness.dispatcher.engine.runs
+    real_execute = runs.execute
 
-    async def slow_attach(ids: list[int], run_id: int) -> None:
-        # The first step of the run after its row was written.
+    async def slow_execute(plan: RunPlan) -> AsyncIterator[AgentEvent]:
+        # The run's row is recorded (it has an id); its agent has not begun.
         reached.set()
         await hold.wait()
-        await real_attach(ids, run_id)
+        async for event in real_execute(plan):
+            yield event
 
-    monkeypatch.setattr(store, "inbox_attach_run", slow_attach)
+    monkeypatch.setattr(runs, "execute", slow_execute)
     await harness.transport.say("work")
     await reached.wait()  # the run row exists; the run has not begun
     await harness.transport.say("stop")

@@ -144,6 +144,12 @@ def _valid_dashes(dashes: str) -> bool:
     return dashes in ("-", "--") or (len(dashes) == 1 and dashes != "-")
 
 
+def _address_names(aliases: Iterable[str]) -> list[str]:
+    """Every way to address the bot by ``aliases``, longest first (so that
+    "@podbay:example.org" wins over "@podbay")."""
+    return sorted({n for alias in aliases for n in (alias, "@" + alias)}, key=len)[::-1]
+
+
 class Registry:
     """Holds command specs; parses text into an :class:`Invocation` or :class:`Freeform`."""
 
@@ -151,9 +157,11 @@ class Registry:
         self._specs: dict[str, CommandSpec] = {}
         self._pools: tuple[dict[str, str], list[str], list[str]] | None = None
         # Built once per set of commands (parsing runs for every message).
-        self._secret_options: set[str] | None = None
+        self._secret_options: frozenset[str] | None = None
         self._by_first: dict[str, list[CommandSpec]] | None = None
         self._suggested: OrderedDict[tuple[str, float], str | None] = OrderedDict()
+        self._charsets: dict[str, frozenset[str]] = {}  # letters of each command word
+        self._address_names: list[str] | None = None  # what strip_address looks for
         self.bot_name = bot_name
         self._aliases = tuple(dict.fromkeys(a.lower() for a in (bot_name, *aliases) if a))
 
@@ -179,11 +187,16 @@ class Registry:
         stripped = text.strip()
         if stripped.startswith("!"):
             return stripped[1:].lstrip(), True, True
-        names = [*self._aliases, *(a.lower() for a in extra_aliases if a)]
+        extra = [a.lower() for a in extra_aliases if a]
+        if extra:
+            candidates = _address_names([*self._aliases, *extra])
+        else:
+            if self._address_names is None:
+                self._address_names = _address_names(self._aliases)
+            candidates = self._address_names
         # Only the start can hold a name: lowering all of a long message would be wasted work.
-        lowered = stripped[: max((len(n) for n in names), default=0) + 1].lower()
-        # Longest first so "@podbay:example.org" wins over "@podbay".
-        for name in sorted({n for alias in names for n in (alias, "@" + alias)}, key=len)[::-1]:
+        lowered = stripped[: len(candidates[0]) + 1 if candidates else 1].lower()
+        for name in candidates:
             if lowered.startswith(name):
                 rest = stripped[len(name) :]
                 if not rest or rest[0] in " \t\n:,":
@@ -346,10 +359,39 @@ class Registry:
         # A phrase of two words can only be near a command of several (a one-word name is
         # never within the cutoff of "statsu please"); a word may be near either.
         pool = phrases if " " in lowered and cutoff >= _NEAR_MISS else words
+        pool = self._within_reach(lowered, pool, cutoff)
+        if not pool:
+            return None
         close = difflib.get_close_matches(lowered, pool, n=1, cutoff=cutoff)
         if not close:
             return None
         return firsts.get(close[0], close[0])
+
+    def _within_reach(self, lowered: str, pool: list[str], cutoff: float) -> list[str]:
+        """The candidates difflib could find within ``cutoff`` of ``lowered``, by upper
+        bounds of its ratio (2 * matches / total length) that cost no matcher: the shorter
+        length, and the letters of ``lowered`` that the candidate has at all. Most words
+        are near no command, and this runs for every message."""
+        size = len(lowered)
+        letters = set(lowered)
+        kept: list[str] = []
+        for candidate in pool:
+            total = size + len(candidate)
+            if 2 * min(size, len(candidate)) < cutoff * total:
+                continue
+            absent = letters - self._charset(candidate)
+            if absent:
+                shared = size - sum(map(lowered.count, absent))
+                if 2 * min(shared, len(candidate)) < cutoff * total:
+                    continue
+            kept.append(candidate)
+        return kept
+
+    def _charset(self, word: str) -> frozenset[str]:
+        found = self._charsets.get(word)
+        if found is None:
+            found = self._charsets[word] = frozenset(word)
+        return found
 
     def _unknown(
         self,
@@ -529,11 +571,11 @@ class Registry:
             raise UsageError(f"Buttons for {action.kind!r} are not handled here.")
         return Invocation(spec, {"proposal": action.target})
 
-    def secret_options(self) -> set[str]:
+    def secret_options(self) -> frozenset[str]:
         if self._secret_options is None:
-            self._secret_options = {
+            self._secret_options = frozenset(
                 o.name for s in self._specs.values() for o in s.options if o.secret
-            }
+            )
         return self._secret_options
 
     def redact(self, text: str) -> str:

@@ -202,6 +202,9 @@ class HostCommandRun:
             return
         procs = self._agent.procs
         request = self._request
+        if request.workdir is not None and not request.project:
+            # Without a project: the conversation's scratch directory, made on first use.
+            await asyncio.to_thread(request.workdir.mkdir, parents=True, exist_ok=True, mode=0o700)
         try:
             tracked = await procs.spawn(
                 *self._agent.argv,

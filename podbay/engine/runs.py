@@ -130,14 +130,16 @@ class RunService:
             run = agent.run(request)
             # One write: the run began, and so did the conversation's turn (its "last
             # activity" in status, and where the next turn's context note starts).
-            await self.store.run_start(plan.run_id, turn=plan.session)
+            # Neither this nor the events are waited for: run_finish, committed after them
+            # (in order), is.
+            await self.store.run_start(plan.run_id, turn=plan.session, wait=False)
             async with asyncio.timeout(self.settings.agent.timeout_s):
                 async for event in run:
                     if isinstance(event, FinishedEvent):
                         finished = event
                         continue
                     event = _redacted(event)
-                    await self.store.run_event(plan.run_id, _kind(event), _text(event))
+                    await self.store.run_event(plan.run_id, _kind(event), _text(event), wait=False)
                     yield event
         except asyncio.CancelledError:
             survivors = await self._stop(run, plan.session)
@@ -175,9 +177,12 @@ class RunService:
             num_turns=finished.num_turns,
             failure=finished.failure,
         )
+        # Not waited for either: the caller's next write (the dispatcher marks the run's
+        # messages done) is committed after it, and every read sees it.
         await self.store.run_finish(
             plan.run_id,
             "succeeded" if finished.ok else "failed",
+            wait=False,
             exit_code=finished.exit_code,
             error=finished.error,
             usage=dict(finished.usage),

@@ -376,14 +376,22 @@ def _project(row: sqlite3.Row) -> ProjectRow:
 def inbound_to_json(inbound: Inbound, text: str) -> str:
     """Every field of ``inbound`` (with ``text`` in place of its text) as JSON."""
     # Field by field rather than dataclasses.asdict (a deep copy): this runs per message.
-    data = {f.name: getattr(inbound, f.name) for f in fields(inbound)}
-    data["session"] = {f.name: getattr(inbound.session, f.name) for f in fields(inbound.session)}
-    data["sender"] = {f.name: getattr(inbound.sender, f.name) for f in fields(inbound.sender)}
+    data = {name: getattr(inbound, name) for name in _INBOUND_FIELDS}
+    session, sender = inbound.session, inbound.sender
+    data["session"] = {name: getattr(session, name) for name in _SESSION_FIELDS}
+    data["sender"] = {name: getattr(sender, name) for name in _SENDER_FIELDS}
     data["aliases"] = list(inbound.aliases)
     if inbound.action is not None:
         data["action"] = {"kind": inbound.action.kind, "target": inbound.action.target}
     data["text"] = text
-    return json.dumps(data, ensure_ascii=False)
+    return _JSON.encode(data)
+
+
+# Every field is stored: a field added to these classes is replayed too.
+_INBOUND_FIELDS = tuple(f.name for f in fields(Inbound))
+_SESSION_FIELDS = tuple(f.name for f in fields(SessionKey))
+_SENDER_FIELDS = tuple(f.name for f in fields(Sender))
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps would build one per call
 
 
 def inbound_from_json(raw: str) -> Inbound:
@@ -529,22 +537,27 @@ _INBOX_INSERT = """
 _MARK_SQL = """
     UPDATE inbox SET status = ?, kind = COALESCE(?, kind), note = COALESCE(?, note),
         updated_at = ?
-    WHERE id = ?"""
+    WHERE id """
+# Which rows: one id, or several (a JSON array: one statement for any number of them).
+_ONE_ID = "= ?"
+_IDS = "IN (SELECT value FROM json_each(?))"
 
-Outcome = tuple[int, int | None]
+Outcome = tuple[int, int | None]  # (rowcount, lastrowid) of a write's last statement
 # How long a write waits for a lock another process holds (after SQLite's own busy_timeout).
-LOCKED_WAIT_S = 60.0  # (rowcount, lastrowid) of a write's last statement
+LOCKED_WAIT_S = 60.0
 
 
 @dataclass
 class _Write:
-    """One write waiting for the next group commit: its statements run in order, in a
-    savepoint of their own (a failing write never takes the others of its batch along).
-    With ``many``, the one statement runs once per parameter row (executemany)."""
+    """One write (or read) waiting for the next group commit: its statements run in order, in a
+    savepoint of their own (a failing write never takes the others of its batch along)."""
 
     statements: list[tuple[str, Params]]
-    many: list[Params] | None = None
-    future: asyncio.Future[Outcome] | None = None
+    future: asyncio.Future[Any] | None = None  # None: nobody waits (write-behind)
+    what: str = ""  # for the log, when a write-behind write fails
+    # A query instead (one statement; the future gets its rows): queued like a write, it
+    # sees every write queued before it, and waits for no lock of its own.
+    read: bool = False
 
 
 def _mark_turn_statements(key: SessionKey, at: float, now: float) -> list[tuple[str, Params]]:
@@ -565,10 +578,10 @@ def _mark_turn_statements(key: SessionKey, at: float, now: float) -> list[tuple[
     ]
 
 
-def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome:
-    if write.many is not None:
-        cursor = conn.executemany(write.statements[0][0], write.many)
-        return cursor.rowcount, None
+def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome | list[sqlite3.Row]:
+    if write.read:
+        sql, params = write.statements[0]
+        return conn.execute(sql, params).fetchall()
     outcome: Outcome = (0, None)
     for sql, params in write.statements:
         cursor = conn.execute(sql, params)
@@ -576,14 +589,22 @@ def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome:
     return outcome
 
 
-def _apply_batch(conn: sqlite3.Connection, batch: list[_Write]) -> list[Outcome | Exception]:
+def _apply_batch(conn: sqlite3.Connection, batch: list[_Write]) -> list[Any]:
     """On the database's own thread: one transaction for the whole batch. Optimistic: if
     one write fails, the batch is rolled back and done again with a savepoint per write,
-    so only that write fails."""
+    so only that write fails. A batch of reads alone takes no write lock."""
+    if all(w.read for w in batch):
+        results: list[Any] = []
+        for read in batch:
+            try:
+                results.append(_apply_write(conn, read))
+            except sqlite3.Error as exc:
+                results.append(exc)
+        return results
     conn.execute("BEGIN IMMEDIATE")
     try:
         try:
-            results: list[Outcome | Exception] = [_apply_write(conn, w) for w in batch]
+            results = [_apply_write(conn, w) for w in batch]
         except sqlite3.Error:
             conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
@@ -614,13 +635,20 @@ class Store:
         # Project names, for parsing every message without a query; every method that
         # inserts or deletes a project row forgets it (rows are never renamed).
         self._names: list[str] | None = None
+        self._names_generation = 0  # bumped whenever the names are forgotten
+        self._names_loading: tuple[int, asyncio.Future[list[sqlite3.Row]]] | None = None
         self._read_only = False  # set by open(read_only=True): every write is refused
         # Group commit: inbox writes that arrive while one is being committed wait, and go
         # together in the next transaction (each caller still returns only once its own
         # write is committed: stored before acknowledged).
         self._pending: list[_Write] = []
+        # Done when the batch of the last write queued is committed (reads wait for it).
+        self._tail: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._path: Path | None = None  # the database file (None in memory)
+        # Run ids are handed out here, so a run can be recorded without waiting for the
+        # database: one podbay writes a data directory (bot.py holds a lock on it).
+        self._last_run_id = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -673,6 +701,8 @@ class Store:
             await store._execute("PRAGMA synchronous=NORMAL")
             await store._execute("PRAGMA busy_timeout=5000")
             await store._migrate()
+            row = await store._fetchone("SELECT COALESCE(MAX(id), 0) FROM runs")
+            store._last_run_id = int(row[0]) if row is not None else 0
         except BaseException as exc:
             # Close before propagating; a leaked connection keeps its worker thread alive.
             await db.close()
@@ -728,13 +758,6 @@ class Store:
         except sqlite3.OperationalError as exc:
             raise self._translated(exc) from exc
 
-    async def _executemany(self, sql: str, params: Iterable[Params]) -> None:
-        try:
-            async with self._db.executemany(sql, params):
-                pass
-        except sqlite3.OperationalError as exc:
-            raise self._translated(exc) from exc
-
     def _translated(self, exc: sqlite3.OperationalError) -> Exception:
         """A full disk is the user's to fix, and said so; other errors stay as they are."""
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(
@@ -745,19 +768,31 @@ class Store:
         return exc
 
     async def _fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        async with self._db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        # One hop to the database thread (execute, fetch and close there).
+        return list(await self._db.execute_fetchall(sql, params))
 
     async def _fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        async with self._db.execute(sql, params) as cur:
-            return await cur.fetchone()
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
+
+    @asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The lock, taken once every write queued before is committed: a read sees every
+        write asked for earlier, queued ones included (read your own writes)."""
+        tail = self._tail
+        if tail is not None and not tail.done():
+            # Shielded: a cancelled reader must not cancel another caller's write.
+            with suppress(Exception):
+                await asyncio.shield(tail)
+        async with self._lock:
+            yield
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[None]:
         """Hold the lock for one BEGIN IMMEDIATE ... COMMIT; roll back on any exception."""
         if self._read_only:
             raise StoreError("the database was opened read-only; this command cannot change it")
-        async with self._lock:
+        async with self._locked():
             # IMMEDIATE takes the write lock up front, so a read-modify-write cannot fail
             # half-way with SQLITE_BUSY when another process writes too.
             await self._execute("BEGIN IMMEDIATE")
@@ -800,7 +835,7 @@ class Store:
 
     async def schema_version(self) -> int:
         """Highest applied migration (0 for an empty database)."""
-        async with self._lock:
+        async with self._locked():
             row = await self._fetchone("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         return int(row[0]) if row is not None else 0
 
@@ -839,33 +874,64 @@ class Store:
         *,
         kind: str | None = None,
         note: str | None = None,
+        wait: bool = True,
     ) -> None:
         """Set the status (and, when given, kind and note) of every id, all or nothing;
-        returns once committed."""
+        returns once committed (with ``wait=False`` at once: see :meth:`_later`)."""
         if not ids:
             return
-        now = self._clock()
-        await self._batched(
-            _Write([(_MARK_SQL, ())], many=[(status, kind, note, now, id_) for id_ in ids])
-        )
+        which, rows = (_ONE_ID, ids[0]) if len(ids) == 1 else (_IDS, json.dumps(list(ids)))
+        write = _Write([(_MARK_SQL + which, (status, kind, note, self._clock(), rows))])
+        if not wait:
+            self._later(write, f"the status of message(s) {', '.join(map(str, ids))}")
+            return
+        await self._batched(write)
 
     async def _write(self, sql: str, params: Params = ()) -> Outcome:
         """One statement, group-committed; returns (rowcount, lastrowid)."""
         return await self._batched(_Write([(sql, params)]))
 
     async def _batched(self, write: _Write) -> Outcome:
+        self._check_writable()
+        write.future = asyncio.get_running_loop().create_future()
+        self._queue(write)
+        return cast(Outcome, await write.future)
+
+    async def _read(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """A query, in order with the writes (it sees every write asked for before it).
+        Never call it holding ``_lock``: the commit needs it."""
+        read = _Write([(sql, params)], read=True)
+        read.future = asyncio.get_running_loop().create_future()
+        self._queue(read)
+        return cast(list[sqlite3.Row], await read.future)
+
+    def _check_writable(self) -> None:
         if self._read_only:
             raise StoreError("the database was opened read-only; this command cannot change it")
-        write.future = asyncio.get_running_loop().create_future()
+
+    def _queue(self, write: _Write) -> None:
+        """Queue ``write`` for the next group commit (in order: writes are committed in
+        the order they were queued)."""
+        if not self._pending:
+            # The batch this write starts: done once it is committed (or failed).
+            self._tail = asyncio.get_running_loop().create_future()
         self._pending.append(write)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
-        return await write.future
 
-    async def _commit(self, batch: list[_Write]) -> list[Outcome | Exception]:
+    def _later(self, write: _Write, what: str) -> None:
+        """Queue ``write`` without waiting for it (write-behind). Still in order: every
+        write or read asked for after it returns only once it is committed. A failure is
+        logged (as "recording ``what`` failed"); the next awaited write, on the same disk,
+        reports it to its caller."""
+        self._check_writable()
+        write.what = what
+        self._queue(write)
+
+    async def _commit(self, batch: list[_Write]) -> list[Any]:
         """Commit ``batch``; a database locked longer than busy_timeout (another process
         holding the write lock) is waited for with backoff, up to LOCKED_WAIT_S."""
-        run = cast(Callable[..., Awaitable[list[Outcome | Exception]]], self._db._execute)
+        run = cast(Callable[..., Awaitable[list[Any]]], self._db._execute)
         backoff = Backoff(base=0.2, cap=5.0)
         waited = 0.0
         while True:
@@ -889,35 +955,49 @@ class Store:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            done = self._tail
             try:
-                results = await self._commit(batch)
+                results: list[Any] = list(await self._commit(batch))
             except BaseException as exc:
-                for write in batch:
-                    if write.future is not None and not write.future.done():
-                        write.future.set_exception(exc)
+                results = [exc] * len(batch)
                 if isinstance(exc, asyncio.CancelledError):
+                    self._settle(batch, results, done)
                     raise
+            self._settle(batch, results, done)
+
+    def _settle(
+        self,
+        batch: list[_Write],
+        results: list[Any],
+        done: asyncio.Future[None] | None,
+    ) -> None:
+        """Tell each write of a committed (or failed) batch how it went."""
+        for write, result in zip(batch, results, strict=True):
+            if isinstance(result, sqlite3.OperationalError):
+                result = self._translated(result)
+            future = write.future
+            if future is None:
+                if isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError
+                ):
+                    log.error("recording %s failed: %s", write.what, result)
+            elif future.done():
                 continue
-            for write, result in zip(batch, results, strict=True):
-                if write.future is None or write.future.done():
-                    continue
-                if isinstance(result, sqlite3.OperationalError):
-                    write.future.set_exception(self._translated(result))
-                elif isinstance(result, Exception):
-                    write.future.set_exception(result)
-                else:
-                    write.future.set_result(result)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if done is not None and not done.done():
+            done.set_result(None)
 
     async def inbox_attach_run(self, ids: Sequence[int], run_id: int) -> None:
         """Link inbox entries to the agent run that handles them."""
         if not ids:
             return
-        now = self._clock()
-        await self._batched(
-            _Write(
-                [("UPDATE inbox SET run_id = ?, updated_at = ? WHERE id = ?", ())],
-                many=[(run_id, now, id_) for id_ in ids],
-            )
+        await self._write(
+            "UPDATE inbox SET run_id = ?, updated_at = ?"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (run_id, self._clock(), json.dumps(list(ids))),
         )
 
     async def inbox_recover(self) -> tuple[list[InboxRow], list[InboxRow]]:
@@ -941,13 +1021,13 @@ class Store:
 
     async def inbox_get(self, id: int) -> InboxRow | None:
         """One inbox entry by id."""
-        async with self._lock:
+        async with self._locked():
             row = await self._fetchone("SELECT * FROM inbox WHERE id = ?", (id,))
         return _inbox(row) if row is not None else None
 
     async def queue_depths(self) -> dict[str, int]:
         """Per session key: free-form messages being processed but not yet given to a run."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 """
                 SELECT session_key, COUNT(*) FROM inbox
@@ -961,15 +1041,14 @@ class Store:
 
     async def session_get(self, key: SessionKey) -> SessionRow:
         """The stored session, or an empty default (not inserted) if there is none."""
-        async with self._lock:
-            row = await self._fetchone("SELECT * FROM sessions WHERE session_key = ?", (str(key),))
-        if row is None:
+        rows = await self._read("SELECT * FROM sessions WHERE session_key = ?", (str(key),))
+        if not rows:
             return SessionRow(str(key), None, {}, 0.0)
-        return _session(row)
+        return _session(rows[0])
 
     async def sessions_recent(self, since: float) -> list[SessionRow]:
         """Sessions active at or after ``since``, most recent first."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT * FROM sessions WHERE last_activity >= ? ORDER BY last_activity DESC",
                 (since,),
@@ -1029,7 +1108,7 @@ class Store:
 
     async def sessions_using(self, project: str) -> list[SessionKey]:
         """Sessions whose active project is ``project``."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT transport, conversation, thread FROM sessions"
                 " WHERE active_project = ? ORDER BY session_key",
@@ -1056,7 +1135,7 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> ProjectRow:
         """Insert a project; StoreError if the name or the SSH port is taken."""
-        self._names = None
+        self._forget_names()
         now = self._clock()
         try:
             async with self._tx():
@@ -1083,27 +1162,37 @@ class Store:
         except sqlite3.IntegrityError as exc:
             raise _project_integrity(exc, name, ssh_port) from exc
         assert row is not None  # just inserted in the same transaction
-        self._names = None
+        self._forget_names()
         return row
 
     async def project_get(self, name: str) -> ProjectRow | None:
         """One project by name."""
-        async with self._lock:
-            return await self._project_get(name)
+        rows = await self._read("SELECT * FROM projects WHERE name = ?", (name,))
+        return _project(rows[0]) if rows else None
 
     async def project_names(self) -> list[str]:
         """Names of all projects (cached: the dispatcher asks for every message)."""
         names = self._names
         if names is None:
-            async with self._lock:
-                rows = await self._fetchall("SELECT name FROM projects")
-                # Set under the lock: a writer that comes after forgets it again.
-                names = self._names = [str(r[0]) for r in rows]
+            generation = self._names_generation
+            loading = self._names_loading
+            if loading is None or loading[0] != generation:
+                # One query, however many messages ask at once.
+                query = asyncio.ensure_future(self._read("SELECT name FROM projects"))
+                loading = self._names_loading = (generation, query)
+            rows = await asyncio.shield(loading[1])
+            names = [str(r[0]) for r in rows]
+            if self._names_generation == generation:  # no project changed meanwhile
+                self._names = names
         return list(names)
+
+    def _forget_names(self) -> None:
+        self._names = None
+        self._names_generation += 1
 
     async def project_list(self) -> list[ProjectRow]:
         """All projects ordered by name."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall("SELECT * FROM projects ORDER BY name")
         return [_project(r) for r in rows]
 
@@ -1139,7 +1228,7 @@ class Store:
         given back before anything listened on it): it is handed out again only when no port
         that was never used, or that was freed earlier, is left.
         """
-        self._names = None
+        self._forget_names()
         async with self._tx():
             row = await self._project_get(name)
             count, _ = await self._execute("DELETE FROM projects WHERE name = ?", (name,))
@@ -1149,7 +1238,7 @@ class Store:
                     "ON CONFLICT (port) DO UPDATE SET at = excluded.at",
                     (row.ssh_port, self._clock()),
                 )
-        self._names = None
+        self._forget_names()
         return count > 0
 
     async def project_reserve(
@@ -1170,7 +1259,7 @@ class Store:
         inside or contains another project's source, or no port in ``port_range`` is both
         unregistered and free (``port_is_free``, e.g. not bound on 127.0.0.1).
         """
-        self._names = None
+        self._forget_names()
         wanted = Path(path)
         now = self._clock()
         async with self._tx():
@@ -1218,40 +1307,72 @@ class Store:
             )
             reserved = await self._project_get(name)
         assert reserved is not None  # inserted in the same transaction
-        self._names = None
+        self._forget_names()
         return reserved
 
     async def project_source_conflict(self, name: str, path: str | Path) -> str | None:
         """Why ``name`` at ``path`` would be refused by :meth:`project_reserve` (name taken,
         or a source shared with another project), or None. Advisory: only the reservation
         decides, in its transaction."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall("SELECT name, path FROM projects")
         return _source_conflict(name, Path(path), rows)
 
     async def ports_in_use(self) -> set[int]:
         """SSH ports assigned to any project."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall("SELECT ssh_port FROM projects WHERE ssh_port IS NOT NULL")
         return {int(r[0]) for r in rows}
 
     # ---------------------------------------------------------------- runs
 
-    async def run_create(self, session: SessionKey, project: str, prompt: str, agent: str) -> int:
-        """Record a new agent run in state 'pending'; returns its id."""
-        _, rowid = await self._write(
-            """
-            INSERT INTO runs (session_key, project, prompt, agent, status, created_at)
-            VALUES (?, ?, ?, ?, 'pending', ?)
-            """,
-            (str(session), project, prompt, agent, self._clock()),
-        )
-        assert rowid is not None
-        return rowid
+    async def run_create(
+        self,
+        session: SessionKey,
+        project: str,
+        prompt: str,
+        agent: str,
+        *,
+        inbox_ids: Sequence[int] = (),
+        wait: bool = True,
+    ) -> int:
+        """Record a new agent run in state 'pending' and link ``inbox_ids`` (the messages
+        it handles) to it, in one write; returns its id. With ``wait=False`` it returns
+        at once (see :meth:`_later`)."""
+        self._check_writable()
+        self._last_run_id += 1
+        run_id = self._last_run_id
+        now = self._clock()
+        statements: list[tuple[str, Params]] = [
+            (
+                """
+                INSERT INTO runs (id, session_key, project, prompt, agent, status, created_at)
+                VALUES (?, ?, ?, ?, ?, 'pending', ?)
+                """,
+                (run_id, str(session), project, prompt, agent, now),
+            )
+        ]
+        if inbox_ids:
+            statements.append(
+                (
+                    """
+                    UPDATE inbox SET run_id = ?, updated_at = ?
+                    WHERE id IN (SELECT value FROM json_each(?))
+                    """,
+                    (run_id, now, json.dumps(list(inbox_ids))),
+                )
+            )
+        if wait:
+            await self._batched(_Write(statements))
+        else:
+            self._later(_Write(statements), f"run {run_id}")
+        return run_id
 
-    async def run_start(self, run_id: int, *, turn: SessionKey | None = None) -> None:
+    async def run_start(
+        self, run_id: int, *, turn: SessionKey | None = None, wait: bool = True
+    ) -> None:
         """Mark a run 'running'; with ``turn``, that conversation's turn began now (one
-        write for both)."""
+        write for both). With ``wait=False`` it returns at once (see :meth:`_later`)."""
         now = self._clock()
         statements: list[tuple[str, Params]] = []
         if turn is not None:
@@ -1259,6 +1380,9 @@ class Store:
         statements.append(
             ("UPDATE runs SET status = 'running', started_at = ? WHERE id = ?", (now, run_id))
         )
+        if not wait:
+            self._later(_Write(statements), f"the start of run {run_id}")
+            return
         count, _ = await self._batched(_Write(statements))
         if not count:
             raise StoreError(f"run {run_id} does not exist")
@@ -1273,31 +1397,41 @@ class Store:
         usage: dict[str, Any] | None = None,
         cost_usd: float | None = None,
         num_turns: int | None = None,
+        wait: bool = True,
     ) -> None:
-        """Record the outcome of a run."""
-        count, _ = await self._write(
-            """
-            UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error = ?,
-                usage = ?, cost_usd = ?, num_turns = ?
-            WHERE id = ?
-            """,
-            (
-                status,
-                self._clock(),
-                exit_code,
-                error,
-                json.dumps(usage or {}),
-                cost_usd,
-                num_turns,
-                run_id,
-            ),
+        """Record the outcome of a run. With ``wait=False`` it returns at once (see
+        :meth:`_later`)."""
+        write = _Write(
+            [
+                (
+                    """
+                    UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error = ?,
+                        usage = ?, cost_usd = ?, num_turns = ?
+                    WHERE id = ?
+                    """,
+                    (
+                        status,
+                        self._clock(),
+                        exit_code,
+                        error,
+                        json.dumps(usage or {}),
+                        cost_usd,
+                        num_turns,
+                        run_id,
+                    ),
+                )
+            ]
         )
+        if not wait:
+            self._later(write, f"the outcome of run {run_id}")
+            return
+        count, _ = await self._batched(write)
         if not count:
             raise StoreError(f"run {run_id} does not exist")
 
     async def run_finish_if_active(self, run_id: int, status: RunStatus, *, error: str) -> bool:
         """Finish a run that is still pending or running; False if it had already ended."""
-        async with self._lock:
+        async with self._locked():
             count, _ = await self._execute(
                 """
                 UPDATE runs SET status = ?, finished_at = ?, error = ?
@@ -1307,22 +1441,32 @@ class Store:
             )
         return count > 0
 
-    async def run_event(self, run_id: int, kind: str, data: str) -> None:
-        """Append an event to a run; events are numbered 1, 2, ... per run."""
+    async def run_event(self, run_id: int, kind: str, data: str, *, wait: bool = True) -> None:
+        """Append an event to a run; events are numbered 1, 2, ... per run. With
+        ``wait=False`` it returns at once (see :meth:`_later`)."""
+        write = _Write(
+            [
+                (
+                    """
+                    INSERT INTO run_events (run_id, seq, kind, data, at)
+                    SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM run_events
+                    WHERE run_id = ?
+                    """,
+                    (run_id, kind, data, self._clock(), run_id),
+                )
+            ]
+        )
+        if not wait:
+            self._later(write, f"an event of run {run_id}")
+            return
         try:
-            await self._write(
-                """
-                INSERT INTO run_events (run_id, seq, kind, data, at)
-                SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM run_events WHERE run_id = ?
-                """,
-                (run_id, kind, data, self._clock(), run_id),
-            )
+            await self._batched(write)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot record event for run {run_id}: {exc}") from exc
 
     async def run_events(self, run_id: int) -> list[tuple[int, str, str]]:
         """(seq, kind, data) of a run's events, in order."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT seq, kind, data FROM run_events WHERE run_id = ? ORDER BY seq",
                 (run_id,),
@@ -1331,13 +1475,13 @@ class Store:
 
     async def run_get(self, run_id: int) -> RunRow | None:
         """One run by id."""
-        async with self._lock:
+        async with self._locked():
             row = await self._fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
         return _run(row) if row is not None else None
 
     async def runs_active(self) -> list[RunRow]:
         """Pending and running runs, oldest first."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT * FROM runs WHERE status IN ('pending', 'running') ORDER BY id"
             )
@@ -1360,7 +1504,7 @@ class Store:
             where.append("session_key = ?")
             params.append(str(session))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT * FROM runs {clause} ORDER BY id DESC LIMIT ?", (*params, limit)
             )
@@ -1368,7 +1512,7 @@ class Store:
 
     async def runs_interrupt_stale(self) -> int:
         """After a restart: pending/running runs become 'interrupted'; returns how many."""
-        async with self._lock:
+        async with self._locked():
             count, _ = await self._execute(
                 """
                 UPDATE runs SET status = 'interrupted', finished_at = ?, error = ?
@@ -1396,7 +1540,7 @@ class Store:
 
     async def kept_source_add(self, path: str, project: str, dev: int, ino: int) -> None:
         """Remember that ``delete`` kept ``path``, the source of ``project``."""
-        async with self._lock:
+        async with self._locked():
             await self._execute(
                 """
                 INSERT INTO kept_sources (path, project, dev, ino, at) VALUES (?, ?, ?, ?, ?)
@@ -1408,21 +1552,21 @@ class Store:
 
     async def kept_source_get(self, path: str) -> tuple[str, int, int] | None:
         """(project, dev, ino) of a kept source, or None."""
-        async with self._lock:
+        async with self._locked():
             row = await self._fetchone(
                 "SELECT project, dev, ino FROM kept_sources WHERE path = ?", (path,)
             )
         return (str(row[0]), int(row[1]), int(row[2])) if row is not None else None
 
     async def kept_source_remove(self, path: str) -> None:
-        async with self._lock:
+        async with self._locked():
             await self._execute("DELETE FROM kept_sources WHERE path = ?", (path,))
 
     # ---------------------------------------------------------------- events
 
     async def event_add(self, project: str, kind: str, text: str) -> None:
         """Record something that happened to ``project`` (for the agent's context)."""
-        async with self._lock:
+        async with self._locked():
             await self._execute(
                 "INSERT INTO events (project, kind, text, at) VALUES (?, ?, ?, ?)",
                 (project, kind, text, self._clock()),
@@ -1430,7 +1574,7 @@ class Store:
 
     async def events_since(self, project: str, since: float, limit: int = 20) -> list[EventRow]:
         """Events of ``project`` after ``since``, oldest first (at most the latest ``limit``)."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT * FROM events WHERE project = ? AND at > ? ORDER BY id DESC LIMIT ?",
                 (project, since, limit),
@@ -1452,7 +1596,7 @@ class Store:
         params: dict[str, Any] | None = None,
     ) -> int:
         """Record a new job in state 'pending'; returns its id."""
-        async with self._lock:
+        async with self._locked():
             _, rowid = await self._execute(
                 """
                 INSERT INTO jobs (project, kind, status, session_key, requested_by, params,
@@ -1473,7 +1617,7 @@ class Store:
 
     async def job_start(self, job_id: int) -> None:
         """Mark a job 'running'."""
-        async with self._lock:
+        async with self._locked():
             count, _ = await self._execute(
                 "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?",
                 (self._clock(), job_id),
@@ -1495,7 +1639,7 @@ class Store:
 
     async def job_finish(self, job_id: int, status: JobStatus, error: str = "") -> None:
         """Record the outcome of a job."""
-        async with self._lock:
+        async with self._locked():
             count, _ = await self._execute(
                 "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
                 (status, error, self._clock(), job_id),
@@ -1505,13 +1649,13 @@ class Store:
 
     async def job_get(self, job_id: int) -> JobRow | None:
         """One job by id."""
-        async with self._lock:
+        async with self._locked():
             row = await self._fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(row) if row is not None else None
 
     async def jobs_active(self) -> list[JobRow]:
         """Pending and running jobs, oldest first."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT * FROM jobs WHERE status IN ('pending', 'running') ORDER BY id"
             )
@@ -1548,7 +1692,7 @@ class Store:
         detail: str = "",
     ) -> None:
         """Append an entry to the audit log."""
-        async with self._lock:
+        async with self._locked():
             await self._execute(
                 """
                 INSERT INTO audit (at, actor, session_key, action, target, result, detail)
@@ -1586,7 +1730,7 @@ class Store:
 
     async def audit_recent(self, limit: int = 20) -> list[AuditRow]:
         """The latest audit entries, newest first."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
         return [_audit(r) for r in rows]
 
@@ -1629,7 +1773,7 @@ class Store:
         fork and :meth:`process_started` still leaves a row that finds the child.
         """
         now = self._clock()
-        async with self._lock:
+        async with self._locked():
             _, rowid = await self._execute(
                 """
                 INSERT INTO processes (pid, pgid, start_ticks, kind, detail, project,
@@ -1643,7 +1787,7 @@ class Store:
         return _process_row(row)
 
     async def process_started(self, id: int, pid: int, pgid: int, start_ticks: int) -> None:
-        async with self._lock:
+        async with self._locked():
             await self._execute(
                 "UPDATE processes SET pid = ?, pgid = ?, start_ticks = ? WHERE id = ?",
                 (pid, pgid, start_ticks, id),
@@ -1651,7 +1795,7 @@ class Store:
 
     async def process_end(self, id: int) -> None:
         """Mark a process (and its whole tree) as gone."""
-        async with self._lock:
+        async with self._locked():
             await self._execute(
                 "UPDATE processes SET ended_at = ? WHERE id = ? AND ended_at IS NULL",
                 (self._clock(), id),
@@ -1659,7 +1803,7 @@ class Store:
 
     async def processes_live(self) -> list[ProcessRow]:
         """Processes not known to have ended, oldest first."""
-        async with self._lock:
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT * FROM processes WHERE ended_at IS NULL ORDER BY id"
             )
@@ -1667,7 +1811,7 @@ class Store:
 
     async def processes_prune(self, keep_s: float = 7 * 86400) -> int:
         """Forget processes that ended more than ``keep_s`` ago; returns how many."""
-        async with self._lock:
+        async with self._locked():
             count, _ = await self._execute(
                 "DELETE FROM processes WHERE ended_at IS NOT NULL AND ended_at < ?",
                 (self._clock() - keep_s,),

@@ -932,7 +932,7 @@ class Store:
         """Commit ``batch``; a database locked longer than busy_timeout (another process
         holding the write lock) is waited for with backoff, up to LOCKED_WAIT_S."""
         run = cast(Callable[..., Awaitable[list[Any]]], self._db._execute)
-        backoff = Backoff(base=0.2, cap=5.0)
+        backoff: Backoff | None = None  # made when first needed: it seeds a random source
         waited = 0.0
         while True:
             try:
@@ -947,6 +947,7 @@ class Store:
                 ) or "locked" in str(exc)
                 if not locked or waited >= LOCKED_WAIT_S:
                     raise self._translated(exc) from exc
+                backoff = backoff or Backoff(base=0.2, cap=5.0)
                 delay = backoff.next_delay()
                 log.warning("the database is locked by another process; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)

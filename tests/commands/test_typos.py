@@ -7,7 +7,11 @@ command's usage error; a sentence that merely starts with a command word stays f
 
 from __future__ import annotations
 
+import difflib
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podbay.commands.catalog import build_registry
 from podbay.commands.registry import Freeform, Invocation, Registry
@@ -145,3 +149,49 @@ def test_well_formed_commands_still_parse(reg: Registry) -> None:
 
 def test_the_tables_cover_at_least_thirty_lines() -> None:
     assert len(USAGE_ERRORS) + len(FREEFORM) >= 30 and len(FREEFORM) >= 15
+
+
+def _reference_suggestion(registry: Registry, word: str, cutoff: float) -> str | None:
+    """What difflib itself finds among every command name and first word (the suggestion
+    before any shortcut): the shortcut must never change a suggestion."""
+    specs = registry.specs()
+    firsts: dict[str, str] = {}
+    for spec in specs:
+        firsts.setdefault(spec.words[0], spec.name)
+    names = [s.name for s in specs]
+    words = list(dict.fromkeys([*names, *firsts]))
+    phrases = [n for n in names if " " in n]
+    pool = phrases if " " in word and cutoff >= 0.8 else words
+    close = difflib.get_close_matches(word, pool, n=1, cutoff=cutoff)
+    return firsts.get(close[0], close[0]) if close else None
+
+
+def _near_misses() -> st.SearchStrategy[str]:
+    """Command names with a letter dropped, doubled, swapped or replaced, and noise."""
+    names = sorted({s.name for s in build_registry().specs()})
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> str:
+        name = draw(st.sampled_from(names))
+        i = draw(st.integers(0, len(name) - 1))
+        letter = draw(st.sampled_from("abcdeilnorstuy "))
+        edit = draw(st.sampled_from(["drop", "double", "swap", "replace", "append"]))
+        if edit == "drop":
+            return name[:i] + name[i + 1 :]
+        if edit == "double":
+            return name[:i] + name[i] + name[i:]
+        if edit == "swap" and i + 1 < len(name):
+            return name[:i] + name[i + 1] + name[i] + name[i + 2 :]
+        if edit == "replace":
+            return name[:i] + letter + name[i + 1 :]
+        return name + letter
+
+    noise = st.text(alphabet="abcdefgilmnoprstuwy0123 ", min_size=1, max_size=14)
+    return st.one_of(mutated(), noise).map(str.lower).filter(str.strip)
+
+
+@given(word=_near_misses(), cutoff=st.sampled_from([0.6, 0.8]))
+@settings(max_examples=400, deadline=None)
+def test_suggestions_are_the_ones_difflib_finds(word: str, cutoff: float) -> None:
+    registry = build_registry()
+    assert registry.suggest(word, cutoff) == _reference_suggestion(registry, word, cutoff)

@@ -7,6 +7,9 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from podbay.engine import store as store_module
 from podbay.engine.store import Store
 from podbay.messages import Inbound, Sender, SessionKey
 
@@ -73,7 +76,11 @@ async def test_returned_means_committed(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(tmp_path: Path) -> None:
+async def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lock held longer than podbay waits for one (60 s; here 0.5 s, to keep this short).
+    monkeypatch.setattr(store_module, "LOCKED_WAIT_S", 0.5)
     db = tmp_path / "p.db"
     store = await Store.open(db)
     blocker = sqlite3.connect(db, timeout=0)
@@ -89,4 +96,92 @@ async def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(tmp_pa
         assert set(committed(db)) == {"p9"}  # nothing of the failed batch half-written
     finally:
         blocker.close()
+        await store.close()
+
+
+def table(db: Path, sql: str) -> list[tuple[object, ...]]:
+    """Rows another process sees."""
+    connection = sqlite3.connect(db)
+    try:
+        return list(connection.execute(sql))
+    finally:
+        connection.close()
+
+
+async def test_write_behind_is_committed_in_order_and_every_later_read_sees_it(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "p.db"
+    room = SessionKey("memory", "room-1")
+    store = await Store.open(db)
+    try:
+        first = await store.inbox_add(message(1))
+        second = await store.inbox_add(message(2))
+        assert first is not None and second is not None
+        # None of these waits for the database...
+        await store.inbox_mark([first, second], "processing", kind="freeform", wait=False)
+        run_id = await store.run_create(room, "", "a prompt", "fake", inbox_ids=[first], wait=False)
+        await store.run_start(run_id, turn=room, wait=False)
+        await store.run_event(run_id, "text", "one", wait=False)
+        await store.run_event(run_id, "text", "two", wait=False)
+        await store.run_finish(run_id, "succeeded", exit_code=0, wait=False)
+        # ...yet every read after them sees them, queued reads and locked ones alike.
+        run = await store.run_get(run_id)
+        assert run is not None and run.status == "succeeded" and run.exit_code == 0
+        assert [text for _, _, text in await store.run_events(run_id)] == ["one", "two"]
+        assert (await store.session_get(room)).last_turn_at > 0
+        row = await store.inbox_get(first)
+        assert row is not None and (row.status, row.run_id) == ("processing", run_id)
+        # An awaited write returns only once everything queued before it is committed.
+        await store.inbox_mark([second], "done")
+        assert committed(db) == {"p1": "processing", "p2": "done"}
+        assert table(db, "SELECT id, status FROM runs") == [(run_id, "succeeded")]
+        assert table(db, "SELECT seq, data FROM run_events") == [(1, "one"), (2, "two")]
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_behind_is_logged_and_takes_no_other_write_along(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "p.db"
+    store = await Store.open(db)
+    try:
+        row = await store.inbox_add(message(1))
+        assert row is not None
+        # In one batch: an event of a run that does not exist (a foreign key fails), and a
+        # status change that must still land.
+        await store.run_event(999, "text", "lost", wait=False)
+        await store.inbox_mark([row], "done", wait=False)
+        assert isinstance(await store.inbox_add(message(2)), int)
+        assert committed(db) == {"p1": "done", "p2": "received"}
+        assert table(db, "SELECT * FROM run_events") == []
+        assert "recording an event of run 999 failed" in caplog.text
+    finally:
+        await store.close()
+
+
+async def test_run_ids_keep_counting_across_restarts(tmp_path: Path) -> None:
+    db = tmp_path / "p.db"
+    room = SessionKey("memory", "room-1")
+    async with await Store.open(db) as store:
+        ids = [await store.run_create(room, "", f"p{n}", "fake", wait=n % 2 == 0) for n in range(3)]
+    assert ids == [1, 2, 3]
+    async with await Store.open(db) as store:
+        assert await store.run_create(room, "", "after a restart", "fake") == 4
+        assert (await store.runs_recent(session=room))[0].prompt == "after a restart"
+
+
+async def test_project_names_asked_by_many_at_once_follow_a_new_project(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "p.db")
+    try:
+        before = await asyncio.gather(*(store.project_names() for _ in range(50)))
+        assert before == [[]] * 50
+        asking = [asyncio.ensure_future(store.project_names()) for _ in range(50)]
+        await store.project_add("web", tmp_path / "web")
+        during = await asyncio.gather(*asking)
+        assert all(names in ([], ["web"]) for names in during)
+        after = await asyncio.gather(*(store.project_names() for _ in range(50)))
+        assert after == [["web"]] * 50
+    finally:
         await store.close()

@@ -344,6 +344,10 @@ class Registry:
         if len(word) > _MAX_SUGGEST:
             return None
         lowered = word.lower()
+        if " " in lowered:
+            # Phrases rarely come back (every message has its own), and few commands have
+            # several words: looked up each time rather than crowding the first words out.
+            return self._suggest(lowered, cutoff)
         key = (lowered, cutoff)
         if key in self._suggested:
             self._suggested.move_to_end(key)

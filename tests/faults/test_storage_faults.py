@@ -76,8 +76,10 @@ async def test_a_write_lock_shorter_than_the_busy_timeout_delays_work_and_loses_
         sent = ["then run the tests", "whoami", "and commit"]
         submits = [asyncio.create_task(transport.say(text)) for text in sent]
         await asyncio.sleep(hold_s)  # the other writer's transaction lasts this long
+        # Messages are acknowledged only once stored. (A run's records are written behind:
+        # its answer may show while they wait for the lock; they are committed after it.)
         assert not any(s.done() for s in submits), "stored while the database was locked?"
-        assert not any("echo:" in t for t in transport.texts()), "answered before it was stored?"
+        assert delivered(agent) == ["fix the build"], "a run began before its messages were stored"
         await lock.release()
     await asyncio.wait_for(asyncio.gather(*submits), 30)
     await transport.wait_for_text("echo: fix the build")
@@ -98,6 +100,12 @@ async def test_a_write_lock_shorter_than_the_busy_timeout_delays_work_and_loses_
     assert sum("echo: fix the build" in t for t in texts) == 1
     assert transport.texts(kind="error") == []
     assert not [t for t in texts if "went wrong" in t or "failed" in t]
+    # The answer given during the lock is on record too.
+    (first,) = [r for r in await harness.store.runs_recent(limit=10) if r.prompt == "fix the build"]
+    assert (first.status, [d for _, _, d in await harness.store.run_events(first.id)]) == (
+        "succeeded",
+        ["echo: fix the build"],
+    )
     inbox = rows(db_path, "SELECT text, status FROM inbox ORDER BY id")
     assert inbox == [(text, "done") for text in ["fix the build", *sent, "after the lock"]]
     assert {r[0] for r in rows(db_path, "SELECT status FROM runs")} == {"succeeded"}

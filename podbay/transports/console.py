@@ -88,6 +88,7 @@ class ConsoleTransport:
         self._consumer: asyncio.Task[None] | None = None
         self.health = Health(self.name, local=True)
         self._rich: Console | None = None
+        self._printing = asyncio.Lock()
 
     def _lines(self) -> Iterator[str | _Undecodable]:
         """stdin line by line; bytes are decoded here so that one bad line stays one line."""
@@ -172,7 +173,10 @@ class ConsoleTransport:
     async def send(self, session: SessionKey, reply: Reply) -> MessageRef:
         self._sent += 1
         if self._terminal():
-            self._print_rich(reply.text)
+            # In a thread: rich and its highlighter load, and render, for 100 ms and more on
+            # a first reply; one reply at a time, so their lines never mix.
+            async with self._printing:
+                await asyncio.to_thread(self._print_rich, reply.text)
         else:
             self._write(markdown_to_plain(reply.text).rstrip("\n") + "\n")
         return MessageRef(session, (str(self._sent),))

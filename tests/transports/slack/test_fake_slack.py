@@ -229,6 +229,8 @@ async def test_response_url_and_signature(fake: FakeSlack) -> None:
 
 async def test_socket_mode_slash_command_and_event_are_acked(fake: FakeSlack) -> None:
     app = AsyncApp(
+        # Named, as podbay's is: unnamed, bolt walks inspect.stack() on the event loop.
+        name="fake-slack-check",
         client=client_for(fake),
         signing_secret=fake.signing_secret,
         request_verification_enabled=False,

@@ -95,10 +95,10 @@ async def test_recovery_sends_one_line_per_interrupted_run_listing_its_messages(
             assert row is not None
             ids.append(row)
         await store.inbox_mark(ids, "processing", kind="freeform")
-        first = await store.run_create(ROOM, "", "fix the parser\n\nand its tests", "fake")
-        second = await store.run_create(ROOM, "", "rename the module", "fake")
-        await store.inbox_attach_run(ids[:2], first)
-        await store.inbox_attach_run(ids[2:], second)
+        first = await store.run_create(
+            ROOM, "", "fix the parser\n\nand its tests", "fake", inbox_ids=ids[:2]
+        )
+        second = await store.run_create(ROOM, "", "rename the module", "fake", inbox_ids=ids[2:])
     async with await Store.open(path) as store:
         dispatcher = Dispatcher(Engine(store, settings, agent=FakeAgent()), registry, settings)
         transport = MemoryTransport()

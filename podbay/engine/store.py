@@ -991,16 +991,6 @@ class Store:
         if done is not None and not done.done():
             done.set_result(None)
 
-    async def inbox_attach_run(self, ids: Sequence[int], run_id: int) -> None:
-        """Link inbox entries to the agent run that handles them."""
-        if not ids:
-            return
-        await self._write(
-            "UPDATE inbox SET run_id = ?, updated_at = ?"
-            " WHERE id IN (SELECT value FROM json_each(?))",
-            (run_id, self._clock(), json.dumps(list(ids))),
-        )
-
     async def inbox_recover(self) -> tuple[list[InboxRow], list[InboxRow]]:
         """After a restart: mark 'processing' rows 'interrupted' and return them, plus the
         still-'received' rows to redo, both ordered by id."""

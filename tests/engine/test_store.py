@@ -219,7 +219,6 @@ async def test_inbox_recover(store: Store) -> None:
 
 
 async def test_queue_depths_counts_unattached_freeform_processing(store: Store) -> None:
-    run_id = await store.run_create(ROOM, "web", "fix it", "claude")
     counted = [await add(store, f"q{i}") for i in range(2)]
     attached = await add(store, "attached")
     control = await add(store, "control")
@@ -228,7 +227,7 @@ async def test_queue_depths_counts_unattached_freeform_processing(store: Store) 
     elsewhere = await add(store, "elsewhere", session=THREAD)
 
     await store.inbox_mark([*counted, attached, elsewhere], "processing", kind="freeform")
-    await store.inbox_attach_run([attached], run_id)
+    run_id = await store.run_create(ROOM, "web", "fix it", "claude", inbox_ids=[attached])
     await store.inbox_mark([control], "processing", kind="control")
     await store.inbox_mark([waiting], "received", kind="freeform")
     await store.inbox_mark([finished], "done", kind="freeform")

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, Field, dataclass, fields, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
@@ -374,7 +374,12 @@ def _project(row: sqlite3.Row) -> ProjectRow:
 
 
 def inbound_to_json(inbound: Inbound, text: str) -> str:
-    """Every field of ``inbound`` (with ``text`` in place of its text) as JSON."""
+    """Every field of ``inbound`` (with ``text`` in place of its text) as JSON; "" when the
+    row's own columns already hold all of it (the common case: see :func:`_inbox`)."""
+    if inbound.sender.transport == inbound.session.transport and all(
+        getattr(inbound, name) == default for name, default in _EXTRA_DEFAULTS
+    ):
+        return ""
     # Field by field rather than dataclasses.asdict (a deep copy): this runs per message.
     data = {name: getattr(inbound, name) for name in _INBOUND_FIELDS}
     session, sender = inbound.session, inbound.sender
@@ -389,6 +394,26 @@ def inbound_to_json(inbound: Inbound, text: str) -> str:
 
 # Every field is stored: a field added to these classes is replayed too.
 _INBOUND_FIELDS = tuple(f.name for f in fields(Inbound))
+# The fields the inbox table has columns for (with the sender's transport, the session's).
+_COLUMN_FIELDS = frozenset(
+    {"session", "sender", "text", "platform_id", "received_at", "is_direct", "mentioned"}
+)
+
+
+def _default(f: Field[Any]) -> object:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return _NO_DEFAULT
+
+
+_NO_DEFAULT = object()  # equal to nothing: a field without a default is always stored
+# Every other field with its default: a message whose fields are all at their defaults
+# is stored in the columns alone (a field added to Inbound joins this list by itself).
+_EXTRA_DEFAULTS = tuple(
+    (f.name, _default(f)) for f in fields(Inbound) if f.name not in _COLUMN_FIELDS
+)
 _SESSION_FIELDS = tuple(f.name for f in fields(SessionKey))
 _SENDER_FIELDS = tuple(f.name for f in fields(Sender))
 _JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps would build one per call
@@ -419,7 +444,7 @@ def _action(data: object) -> Action | None:
 def _inbox(row: sqlite3.Row) -> InboxRow:
     if row["inbound"]:
         inbound = inbound_from_json(row["inbound"])
-    else:  # stored before migration 2: only these columns exist
+    else:  # every other field at its default (or stored before migration 2)
         inbound = Inbound(
             session=SessionKey(row["transport"], row["conversation"], row["thread"]),
             sender=Sender(row["transport"], row["sender_id"], row["sender_name"]),
@@ -528,12 +553,23 @@ def _source_conflict(name: str, wanted: Path, rows: Iterable[sqlite3.Row]) -> st
 
 # --------------------------------------------------------------------------- the store
 
-_INBOX_INSERT = """
-    INSERT INTO inbox (transport, platform_id, session_key, conversation, thread,
-        sender_id, sender_name, is_direct, mentioned, text, inbound, status,
-        received_at, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+_INBOX_COLUMNS = """id, transport, platform_id, session_key, conversation, thread,
+        sender_id, sender_name, is_direct, mentioned, text, inbound, received_at, updated_at"""
+_INBOX_INSERT = f"""
+    INSERT INTO inbox ({_INBOX_COLUMNS}, status)
+    VALUES ({", ".join("?" * 14)}, 'received')
     ON CONFLICT (transport, platform_id) DO NOTHING"""
+# Many at once, from a JSON array of _INBOX_INSERT's parameters (WHERE true: an upsert
+# after a SELECT needs it). It returns no rows: each row fetched would be a hand-over of
+# the GIL between the database thread and the event loop.
+_INBOX_INSERT_MANY = f"""
+    INSERT INTO inbox ({_INBOX_COLUMNS}, status)
+    SELECT {", ".join(f"value ->> {i}" for i in range(14))}, 'received'
+    FROM json_each(?) WHERE true
+    ON CONFLICT (transport, platform_id) DO NOTHING"""
+_INBOX_STORED = (
+    "SELECT json_group_array(id) FROM inbox WHERE id IN (SELECT value FROM json_each(?))"
+)
 _MARK_SQL = """
     UPDATE inbox SET status = ?, kind = COALESCE(?, kind), note = COALESCE(?, note),
         updated_at = ?
@@ -542,6 +578,7 @@ _MARK_SQL = """
 _ONE_ID = "= ?"
 _IDS = "IN (SELECT value FROM json_each(?))"
 
+_MERGE_INBOX_ADD = ("inbox_add",)
 Outcome = tuple[int, int | None]  # (rowcount, lastrowid) of a write's last statement
 # How long a write waits for a lock another process holds (after SQLite's own busy_timeout).
 LOCKED_WAIT_S = 60.0
@@ -558,6 +595,11 @@ class _Write:
     # A query instead (one statement; the future gets its rows): queued like a write, it
     # sees every write queued before it, and waits for no lock of its own.
     read: bool = False
+    # Writes side by side in a batch with equal keys run as one statement (see _MERGED):
+    # 1,000 messages arriving together are one INSERT, not 1,000. ``rows`` is what each
+    # adds to that statement.
+    merge: tuple[object, ...] | None = None
+    rows: Any = None
 
 
 def _mark_turn_statements(key: SessionKey, at: float, now: float) -> list[tuple[str, Params]]:
@@ -589,6 +631,50 @@ def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome | list[sqli
     return outcome
 
 
+def _merged_inbox_add(conn: sqlite3.Connection, group: list[_Write]) -> list[Outcome]:
+    rows = [write.rows for write in group]
+    added = conn.execute(_INBOX_INSERT_MANY, (_JSON.encode(rows),)).rowcount
+    if added == len(rows):
+        return [(1, row[0]) for row in rows]
+    # Some were redeliveries (a message sent twice in one batch: the second is one).
+    ids = _JSON.encode([row[0] for row in rows])
+    stored = set(json.loads(conn.execute(_INBOX_STORED, (ids,)).fetchone()[0]))
+    return [(1, row[0]) if row[0] in stored else (0, None) for row in rows]
+
+
+def _merged_inbox_mark(conn: sqlite3.Connection, group: list[_Write]) -> list[Outcome]:
+    _, status, kind, note = cast(tuple[str, str, str | None, str | None], group[0].merge)
+    ids = [one for write in group for one in write.rows]
+    now = max(write.statements[0][1][3] for write in group)
+    cursor = conn.execute(_MARK_SQL + _IDS, (status, kind, note, now, _JSON.encode(ids)))
+    return [(cursor.rowcount, None)] * len(group)
+
+
+# What runs each kind of merged writes: one statement, one outcome per write.
+_MERGED: dict[object, Callable[[sqlite3.Connection, list[_Write]], list[Outcome]]] = {
+    "inbox_add": _merged_inbox_add,
+    "inbox_mark": _merged_inbox_mark,
+}
+
+
+def _apply_writes(conn: sqlite3.Connection, batch: list[_Write]) -> list[Any]:
+    """Every write of ``batch`` in order, those side by side with equal keys merged."""
+    results: list[Any] = []
+    start, size = 0, len(batch)
+    while start < size:
+        key = batch[start].merge
+        end = start + 1
+        if key is not None:
+            while end < size and batch[end].merge == key:
+                end += 1
+        if key is not None and end - start > 1:
+            results.extend(_MERGED[key[0]](conn, batch[start:end]))
+        else:
+            results.append(_apply_write(conn, batch[start]))
+        start = end
+    return results
+
+
 def _apply_batch(conn: sqlite3.Connection, batch: list[_Write]) -> list[Any]:
     """On the database's own thread: one transaction for the whole batch. Optimistic: if
     one write fails, the batch is rolled back and done again with a savepoint per write,
@@ -604,8 +690,9 @@ def _apply_batch(conn: sqlite3.Connection, batch: list[_Write]) -> list[Any]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         try:
-            results = [_apply_write(conn, w) for w in batch]
+            results = _apply_writes(conn, batch)
         except sqlite3.Error:
+            # One by one now, merging nothing: a failure is its own write's alone.
             conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             results = []
@@ -649,6 +736,7 @@ class Store:
         # Run ids are handed out here, so a run can be recorded without waiting for the
         # database: one podbay writes a data directory (bot.py holds a lock on it).
         self._last_run_id = 0
+        self._last_inbox_id = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -703,6 +791,8 @@ class Store:
             await store._migrate()
             row = await store._fetchone("SELECT COALESCE(MAX(id), 0) FROM runs")
             store._last_run_id = int(row[0]) if row is not None else 0
+            row = await store._fetchone("SELECT COALESCE(MAX(id), 0) FROM inbox")
+            store._last_inbox_id = int(row[0]) if row is not None else 0
         except BaseException as exc:
             # Close before propagating; a leaked connection keeps its worker thread alive.
             await db.close()
@@ -847,9 +937,13 @@ class Store:
         ``text`` replaces ``inbound.text`` in storage (callers pass a redacted copy).
         Returns once the row is committed (group-committed with others arriving meanwhile).
         """
+        self._check_writable()
         session = inbound.session
         stored = inbound.text if text is None else text
+        # Ids are handed out here, as run ids are (a redelivery leaves its id unused).
+        self._last_inbox_id += 1
         row = (
+            self._last_inbox_id,
             session.transport,
             inbound.platform_id,
             str(session),
@@ -864,8 +958,9 @@ class Store:
             inbound.received_at,
             self._clock(),
         )
-        count, rowid = await self._write(_INBOX_INSERT, row)
-        return rowid if count == 1 else None
+        write = _Write([(_INBOX_INSERT, row)], merge=_MERGE_INBOX_ADD, rows=row)
+        count, _ = await self._batched(write)
+        return row[0] if count == 1 else None
 
     async def inbox_mark(
         self,
@@ -881,7 +976,11 @@ class Store:
         if not ids:
             return
         which, rows = (_ONE_ID, ids[0]) if len(ids) == 1 else (_IDS, json.dumps(list(ids)))
-        write = _Write([(_MARK_SQL + which, (status, kind, note, self._clock(), rows))])
+        write = _Write(
+            [(_MARK_SQL + which, (status, kind, note, self._clock(), rows))],
+            merge=("inbox_mark", status, kind, note),
+            rows=tuple(ids),
+        )
         if not wait:
             self._later(write, f"the status of message(s) {', '.join(map(str, ids))}")
             return
@@ -955,6 +1054,9 @@ class Store:
 
     async def _flush(self) -> None:
         while self._pending:
+            # One turn of the loop first: what the tasks woken with this write ask for
+            # (a run's records, the next messages) joins the same commit.
+            await asyncio.sleep(0)
             batch, self._pending = self._pending, []
             done = self._tail
             try:

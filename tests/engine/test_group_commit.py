@@ -185,3 +185,16 @@ async def test_project_names_asked_by_many_at_once_follow_a_new_project(tmp_path
         assert after == [["web"]] * 50
     finally:
         await store.close()
+
+
+async def test_inbox_ids_keep_counting_across_restarts(tmp_path: Path) -> None:
+    db = tmp_path / "p.db"
+    async with await Store.open(db) as store:
+        first = await asyncio.gather(*(store.inbox_add(message(n)) for n in range(3)))
+    async with await Store.open(db) as store:
+        again = await store.inbox_add(message(0))  # a redelivery after the restart
+        later = await store.inbox_add(message(3))
+        assert again is None
+        assert later is not None and later > max(i for i in first if i is not None)
+        row = await store.inbox_get(later)
+        assert row is not None and row.inbound.platform_id == "p3"

@@ -13,7 +13,7 @@ import pytest
 
 from podbay.engine.store import MIGRATIONS, Store
 from podbay.errors import StoreError
-from podbay.messages import Inbound, Sender, SessionKey
+from podbay.messages import Action, Inbound, Sender, SessionKey
 
 ROOM = SessionKey("matrix", "!room:example.org")
 THREAD = SessionKey("slack", "C123", "1700000000.000100")
@@ -659,3 +659,28 @@ async def test_project_names_follow_every_insert_and_removal(store: Store) -> No
     assert sorted(await store.project_names()) == ["alpha", "beta"]
     await store.project_remove("alpha")
     assert await store.project_names() == ["beta"]
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {},  # every field the columns hold: stored without the JSON copy
+        {"ambient": False},
+        {"aliases": ("robo", "@robo:example.org")},
+        {"action": Action("confirm", "p-1")},
+        {"is_direct": True, "mentioned": True},
+        {"sender": Sender("slack", "U1", "Alice")},  # not the session's transport
+    ],
+)
+async def test_a_replayed_message_is_exactly_what_arrived(
+    store: Store, changed: dict[str, Any]
+) -> None:
+    arrived = replace(message("m-1", session=THREAD, text="deploy\n\tnow ✓"), **changed)
+    inbox_id = await store.inbox_add(arrived)
+    assert inbox_id is not None
+
+    _, received = await store.inbox_recover()
+
+    assert [r.inbound for r in received] == [arrived]
+    row = await store.inbox_get(inbox_id)
+    assert row is not None and row.inbound == arrived

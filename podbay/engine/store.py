@@ -986,10 +986,6 @@ class Store:
             return
         await self._batched(write)
 
-    async def _write(self, sql: str, params: Params = ()) -> Outcome:
-        """One statement, group-committed; returns (rowcount, lastrowid)."""
-        return await self._batched(_Write([(sql, params)]))
-
     async def _batched(self, write: _Write) -> Outcome:
         self._check_writable()
         write.future = asyncio.get_running_loop().create_future()

@@ -669,7 +669,7 @@ async def test_project_names_follow_every_insert_and_removal(store: Store) -> No
         {"aliases": ("robo", "@robo:example.org")},
         {"action": Action("confirm", "p-1")},
         {"is_direct": True, "mentioned": True},
-        {"sender": Sender("slack", "U1", "Alice")},  # not the session's transport
+        {"sender": Sender("matrix", "@alice:example.org", "Alice")},  # not the session's (slack)
     ],
 )
 async def test_a_replayed_message_is_exactly_what_arrived(

@@ -229,6 +229,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )
         """,
     ),
+    (
+        # The inbox's status indexes hold only the rows still to be handled: a row marked
+        # done leaves them rather than moving to another entry, and an index of live rows
+        # stays small however long the history is. Each is on id, the order recovery
+        # reads them in; `status = ...` in a query's WHERE selects the index.
+        "DROP INDEX inbox_status",
+        "DROP INDEX inbox_session_status",
+        "CREATE INDEX inbox_received ON inbox (id) WHERE status = 'received'",
+        "CREATE INDEX inbox_processing ON inbox (id) WHERE status = 'processing'",
+    ),
 ]
 
 _RESTARTED = "podbay restarted"
@@ -559,14 +569,6 @@ _INBOX_INSERT = f"""
     INSERT INTO inbox ({_INBOX_COLUMNS}, status)
     VALUES ({", ".join("?" * 14)}, 'received')
     ON CONFLICT (transport, platform_id) DO NOTHING"""
-# Many at once, from a JSON array of _INBOX_INSERT's parameters (WHERE true: an upsert
-# after a SELECT needs it). It returns no rows: each row fetched would be a hand-over of
-# the GIL between the database thread and the event loop.
-_INBOX_INSERT_MANY = f"""
-    INSERT INTO inbox ({_INBOX_COLUMNS}, status)
-    SELECT {", ".join(f"value ->> {i}" for i in range(14))}, 'received'
-    FROM json_each(?) WHERE true
-    ON CONFLICT (transport, platform_id) DO NOTHING"""
 _INBOX_STORED = (
     "SELECT json_group_array(id) FROM inbox WHERE id IN (SELECT value FROM json_each(?))"
 )
@@ -633,7 +635,10 @@ def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome | list[sqli
 
 def _merged_inbox_add(conn: sqlite3.Connection, group: list[_Write]) -> list[Outcome]:
     rows = [write.rows for write in group]
-    added = conn.execute(_INBOX_INSERT_MANY, (_JSON.encode(rows),)).rowcount
+    # executemany binds each row in C and returns no rows (each row fetched would be a
+    # hand-over of the GIL between the database thread and the event loop); its rowcount
+    # is the sum over the rows.
+    added = conn.executemany(_INBOX_INSERT, rows).rowcount
     if added == len(rows):
         return [(1, row[0]) for row in rows]
     # Some were redeliveries (a message sent twice in one batch: the second is one).

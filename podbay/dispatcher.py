@@ -150,6 +150,21 @@ class FifoSlots:
         self._free += 1
 
 
+class _Slot:
+    """One run's hold on a slot: given back once, by whichever gets there first (the run as
+    soon as its agent is done, before its bookkeeping is committed, or its lane)."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: FifoSlots) -> None:
+        self._slots: FifoSlots | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            slots, self._slots = self._slots, None
+            slots.release()
+
+
 def compose_prompt(batch: list[Pending]) -> str:
     """Join a batch by blank lines; name each sender when more than one wrote."""
     several = len({p.sender.identity for p in batch}) > 1
@@ -630,13 +645,14 @@ class Dispatcher:
                         ),
                     )
                     await self._slots.acquire()
+                slot = _Slot(self._slots)
                 try:
                     # Whatever arrived while we waited for a slot joins this batch.
                     batch, state.pending, state.first_at = state.pending, [], None
                     if batch:
-                        await self._run_batch(state, batch)
+                        await self._run_batch(state, batch, slot)
                 finally:
-                    self._slots.release()
+                    slot.release()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -656,7 +672,7 @@ class Dispatcher:
             self._ensure_lane(state)
             self._maybe_evict(state)
 
-    async def _run_batch(self, state: _Session, batch: list[Pending]) -> None:
+    async def _run_batch(self, state: _Session, batch: list[Pending], slot: _Slot) -> None:
         """Record a run for ``batch`` and execute it as a task that `stop` may cancel."""
         ids = [p.inbox_id for p in batch]
         prompt = compose_prompt(batch)
@@ -675,7 +691,7 @@ class Dispatcher:
         self.stats["runs"] += 1
         state.running = ActiveRun(run_id, len(batch), self._clock(), name)
         task = state.run_task = asyncio.create_task(
-            self._run(state, run_id, ids, prompt, session_row, project),
+            self._run(state, run_id, ids, prompt, session_row, project, slot),
             name=f"run-{run_id}",
         )
         try:
@@ -713,7 +729,11 @@ class Dispatcher:
         prompt: str,
         session_row: SessionRow,
         project: ProjectRow | None,
+        slot: _Slot,
     ) -> None:
+        # The slot caps agents at work: it is given back as soon as the agent is done (or
+        # stopped), before the run's bookkeeping is committed, so the next conversation's
+        # run need not wait for that commit.
         try:
             # A scratch directory is made by the agent that runs in it (on the host).
             workdir = self._workdir(state.key, project)
@@ -722,12 +742,15 @@ class Dispatcher:
             async for event in self.engine.runs.execute(plan):
                 await relay.event(event)
         except asyncio.CancelledError:
+            slot.release()
             await self._cancelled(run_id, ids)
             raise
         except UserError as exc:
+            slot.release()
             await self.store.inbox_mark(ids, "done")
             await self.send(state.key, Reply(str(exc), "error"))
             return
+        slot.release()
         await self.store.inbox_mark(ids, "done")
 
     # -- control ----------------------------------------------------------------------

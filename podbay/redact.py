@@ -41,12 +41,16 @@ _MIN_BARE_TOKEN = 16
 _SCHEME_TAIL = re.compile(rf"[A-Za-z][A-Za-z0-9+.\-]{{0,{_MAX_SCHEME - 1}}}\Z")
 # Greedy up to the last "@" before the path: an unencoded "@" in a password stays masked.
 _URL_USERINFO = re.compile(rf"://(?P<userinfo>[^\s/?#]{{1,{_MAX_USERINFO}}})@")
+# The literal starts of the token shapes: those that are tokens on their own, and those that
+# also begin ordinary words ("sk-learn"), which must have a digit in the body to count.
+_TOKEN_PREFIXES = r"gh[pousr]_|github_pat_|glpat-|xapp-"
+_WORDLIKE_PREFIXES = r"sk-|xox[a-z]-"
+_SHAPE_PREFIXES = f"{_TOKEN_PREFIXES}|{_WORDLIKE_PREFIXES}"
 _SHAPES = re.compile(
     # Starting only where a run of body characters starts keeps "sk-sk-sk-..." linear.
     r"(?<![A-Za-z0-9_\-])(?:"
-    r"(?:gh[pousr]_|github_pat_|glpat-|xapp-)[A-Za-z0-9_\-]{16,}"
-    # "sk-" and "xox?-" also begin ordinary words ("sk-learn"): require a digit in the body.
-    r"|(?:sk-|xox[a-z]-)(?=[A-Za-z_\-]{0,256}[0-9])[A-Za-z0-9_\-]{16,}"
+    rf"(?:{_TOKEN_PREFIXES})[A-Za-z0-9_\-]{{16,}}"
+    rf"|(?:{_WORDLIKE_PREFIXES})(?=[A-Za-z_\-]{{0,256}}[0-9])[A-Za-z0-9_\-]{{16,}}"
     r")"
 )
 
@@ -129,24 +133,40 @@ def _url_secret(match: re.Match[str]) -> tuple[int, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _maybe(names: tuple[str, ...]) -> re.Pattern[str]:
+    """What every match of the patterns below contains: a dash before the first letters of
+    a secret option's name (every spelling starts with them), a URL's ``://``, or a token
+    shape's literal prefix. Text without any of them (most messages) skips the patterns,
+    which look behind at every position."""
+    heads = sorted({re.escape(n[:MIN_ABBREVIATION]) for n in names}, key=len, reverse=True)
+    options = [rf"(?i:{_DASH}(?:{'|'.join(heads)}))"] if heads else []
+    return re.compile("|".join([*options, "://", _SHAPE_PREFIXES]))
+
+
 def _spans(text: str, names: tuple[str, ...]) -> list[tuple[int, int]]:
     """Sorted, non-overlapping spans of every secret in ``text``."""
     spans: list[tuple[int, int]] = []
-    if names:
-        found, _ = _option_patterns(names)
-        for m in found.finditer(text):
-            if m.group("value") != REDACTED:
-                spans.append(m.span("value"))
-    for m in _URL_USERINFO.finditer(text):
-        span = _url_secret(m)
-        if span is not None:
-            spans.append(span)
-    spans.extend(m.span() for m in _SHAPES.finditer(text))
+    if _maybe(names).search(text) is not None:
+        if names:
+            found, _ = _option_patterns(names)
+            for m in found.finditer(text):
+                if m.group("value") != REDACTED:
+                    spans.append(m.span("value"))
+        for m in _URL_USERINFO.finditer(text):
+            span = _url_secret(m)
+            if span is not None:
+                spans.append(span)
+        spans.extend(m.span() for m in _SHAPES.finditer(text))
     for value in _configured:
         start = text.find(value)
         while start != -1:
             spans.append((start, start + len(value)))
             start = text.find(value, start + len(value))
+    return _merged(spans)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     spans.sort()
     merged: list[tuple[int, int]] = []
     for start, end in spans:

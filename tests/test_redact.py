@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import re
+from unittest.mock import patch
+
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+import podbay.redact as redact_module
 from podbay.redact import REDACTED, has_secret, redact, secret_option_name, secret_values
 
 # -- secret options and their near-misses ----------------------------------------------
@@ -257,3 +261,28 @@ def test_redaction_is_idempotent(text: str) -> None:
     once = redact(text)
     assert redact(once) == once
     assert not has_secret(once)
+
+
+# The pieces secrets are made of, and some that are not.
+_PIECES = [
+    *["-", "--", "—", "–", "‐", "tok", "TOKEN", "token", "Toke", "pw", "://", "https", "http"],
+    *["ssh", "@", ":", "/", "ghp_", "github_pat_", "glpat-", "xapp-", "xoxb-", "sk-", "abc1"],
+    *["0123456789abcdef", "learn", " ", "\n", "=", '"', "'", "“", "”", "`", ".", "x"],
+]
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=24).map("".join),
+    st.sampled_from([("token",), ("token", "pw")]),
+)
+@example("git clone https://alice:abc1@host/x.git", ("token",))
+@example("fix it — tok=abc1 then ghp_0123456789abcdef", ("token",))
+def test_the_quick_check_never_skips_what_the_full_scan_finds(
+    text: str, options: tuple[str, ...]
+) -> None:
+    # Most messages hold none of what a secret must contain and skip the full scan: text
+    # made of such pieces must be masked the same with the skip and without it.
+    quick = redact(text, options)
+    with patch.object(redact_module, "_maybe", lambda names: re.compile("")):
+        assert redact(text, options) == quick

@@ -707,7 +707,9 @@ class Dispatcher:
                 # However early it was cut short, the run is never left "pending".
                 await asyncio.shield(self._cancelled(run_id, ids))
         if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("agent run %s failed", run_id, exc_info=error)
+            # Not the agent failing (that is a FinishedEvent) but podbay: the lane tells
+            # the conversation (a full disk says so), whether or not the clean-up failed too.
+            raise error
 
     async def _cancelled(self, run_id: int, ids: list[int]) -> None:
         if await self.store.run_finish_if_active(run_id, "cancelled", error="stopped"):

@@ -584,6 +584,10 @@ _MERGE_INBOX_ADD = ("inbox_add",)
 Outcome = tuple[int, int | None]  # (rowcount, lastrowid) of a write's last statement
 # How long a write waits for a lock another process holds (after SQLite's own busy_timeout).
 LOCKED_WAIT_S = 60.0
+# How long a batch of write-behind writes alone (nobody waits for them) waits for company:
+# the first write or read someone waits for takes it along. A run's records then join the
+# commit of its messages' "done" instead of making that wait behind a commit of their own.
+WRITE_BEHIND_S = 0.01
 
 
 @dataclass
@@ -602,6 +606,11 @@ class _Write:
     # adds to that statement.
     merge: tuple[object, ...] | None = None
     rows: Any = None
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _mark_turn_statements(key: SessionKey, at: float, now: float) -> list[tuple[str, Params]]:
@@ -737,6 +746,13 @@ class Store:
         # Done when the batch of the last write queued is committed (reads wait for it).
         self._tail: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # Someone waits for the pending batch (a write, a read, close()): it is not held
+        # back (see WRITE_BEHIND_S). Cleared when the flusher takes the batch.
+        self._urgent = False
+        self._closing = False
+        # Set while a batch of write-behind writes alone is held back: done when someone
+        # starts waiting for it, or the hold is over.
+        self._nudge: asyncio.Future[None] | None = None
         self._path: Path | None = None  # the database file (None in memory)
         # Run ids are handed out here, so a run can be recorded without waiting for the
         # database: one podbay writes a data directory (bot.py holds a lock on it).
@@ -826,6 +842,8 @@ class Store:
 
     async def close(self) -> None:
         """Close the connection (after the writes already asked for). Safe to call twice."""
+        self._closing = True
+        self._hurry()
         if self._flusher is not None:
             with suppress(BaseException):
                 await self._flusher
@@ -876,6 +894,7 @@ class Store:
         write asked for earlier, queued ones included (read your own writes)."""
         tail = self._tail
         if tail is not None and not tail.done():
+            self._hurry()
             # Shielded: a cancelled reader must not cancel another caller's write.
             with suppress(Exception):
                 await asyncio.shield(tail)
@@ -1016,8 +1035,31 @@ class Store:
             # The batch this write starts: done once it is committed (or failed).
             self._tail = asyncio.get_running_loop().create_future()
         self._pending.append(write)
+        if write.future is not None:
+            self._hurry()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
+
+    def _hurry(self) -> None:
+        """Someone waits for the pending batch: it is not held back, or no longer."""
+        self._urgent = True
+        if self._nudge is not None:
+            _wake(self._nudge)
+
+    async def _company(self) -> None:
+        """Hold back a batch of write-behind writes alone, up to WRITE_BEHIND_S or until
+        someone waits (see :meth:`_hurry`), then one turn of the loop more."""
+        if self._urgent or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        nudge = self._nudge = loop.create_future()
+        timer = loop.call_later(WRITE_BEHIND_S, _wake, nudge)
+        try:
+            await nudge
+        finally:
+            timer.cancel()
+            self._nudge = None
+        await asyncio.sleep(0)
 
     def _later(self, write: _Write, what: str) -> None:
         """Queue ``write`` without waiting for it (write-behind). Still in order: every
@@ -1058,7 +1100,8 @@ class Store:
             # One turn of the loop first: what the tasks woken with this write ask for
             # (a run's records, the next messages) joins the same commit.
             await asyncio.sleep(0)
-            batch, self._pending = self._pending, []
+            await self._company()
+            batch, self._pending, self._urgent = self._pending, [], False
             done = self._tail
             try:
                 results: list[Any] = list(await self._commit(batch))

@@ -141,6 +141,54 @@ async def test_write_behind_is_committed_in_order_and_every_later_read_sees_it(
         await store.close()
 
 
+async def test_write_behind_nobody_waits_for_still_reaches_the_disk(tmp_path: Path) -> None:
+    """Held back for company (so a run's records share the commit of its messages' done),
+    write-behind writes alone are still committed soon, with no read or awaited write."""
+    db = tmp_path / "p.db"
+    store = await Store.open(db)
+    try:
+        row = await store.inbox_add(message(1))
+        assert row is not None
+        await store.inbox_mark([row], "done", wait=False)
+        assert committed(db) == {"p1": "received"}  # held back, for now
+        flusher = store._flusher
+        assert flusher is not None
+        await asyncio.wait_for(asyncio.shield(flusher), 5)  # nobody hurries it
+        assert committed(db) == {"p1": "done"}
+    finally:
+        await store.close()
+
+
+async def test_a_write_someone_waits_for_takes_held_back_writes_along(tmp_path: Path) -> None:
+    db = tmp_path / "p.db"
+    store = await Store.open(db)
+    try:
+        first = await store.inbox_add(message(1))
+        assert first is not None
+        # An awaited write does not sit out the hold: the timer is not what commits it.
+        with_timer_off = store_module.WRITE_BEHIND_S
+        store_module.WRITE_BEHIND_S = 3600.0
+        holding = asyncio.Event()
+        hold = store._company
+
+        async def company() -> None:
+            holding.set()  # the hold begins before anything else runs
+            await hold()
+
+        store._company = company  # type: ignore[method-assign]
+        try:
+            await store.inbox_mark([first], "done", wait=False)
+            await asyncio.wait_for(holding.wait(), 5)
+            assert store._nudge is not None, "the write-behind batch is not held back"
+            second = await asyncio.wait_for(store.inbox_add(message(2)), 5)
+        finally:
+            store_module.WRITE_BEHIND_S = with_timer_off
+        assert second is not None
+        assert committed(db) == {"p1": "done", "p2": "received"}
+    finally:
+        await store.close()
+
+
 async def test_a_failed_write_behind_is_logged_and_takes_no_other_write_along(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

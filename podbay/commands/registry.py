@@ -5,6 +5,7 @@ A registry is an instance: the bot builds one, tests build their own.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import itertools
 import re
@@ -150,12 +151,25 @@ def _address_names(aliases: Iterable[str]) -> list[str]:
     return sorted({n for alias in aliases for n in (alias, "@" + alias)}, key=len)[::-1]
 
 
+@dataclass(frozen=True)
+class _Pool:
+    """What a word or phrase is compared with for suggestions, shortest first."""
+
+    names: list[str]
+    lengths: list[int]
+
+    @staticmethod
+    def of(names: Iterable[str]) -> _Pool:
+        ordered = sorted(names, key=len)
+        return _Pool(ordered, [len(n) for n in ordered])
+
+
 class Registry:
     """Holds command specs; parses text into an :class:`Invocation` or :class:`Freeform`."""
 
     def __init__(self, bot_name: str = "podbay", aliases: Iterable[str] = ()) -> None:
         self._specs: dict[str, CommandSpec] = {}
-        self._pools: tuple[dict[str, str], list[str], list[str]] | None = None
+        self._pools: tuple[dict[str, str], _Pool, _Pool] | None = None
         # Built once per set of commands (parsing runs for every message).
         self._secret_options: frozenset[str] | None = None
         self._by_first: dict[str, list[CommandSpec]] | None = None
@@ -326,7 +340,7 @@ class Registry:
                 best = spec
         return best, (len(best.words) if best else 0)
 
-    def _suggestion_pools(self) -> tuple[dict[str, str], list[str], list[str]]:
+    def _suggestion_pools(self) -> tuple[dict[str, str], _Pool, _Pool]:
         """(first word -> its first command, what a word is compared with, what a
         two-word phrase is compared with), built once per set of commands."""
         if self._pools is None:
@@ -335,8 +349,8 @@ class Registry:
                 # "delet" suggests `delete`, the first command of that word, not `delete run`.
                 firsts.setdefault(spec.words[0], spec.name)
             names = [s.name for s in self._specs.values()]
-            words = list(dict.fromkeys([*names, *firsts]))
-            phrases = [n for n in names if " " in n]
+            words = _Pool.of(dict.fromkeys([*names, *firsts]))
+            phrases = _Pool.of(n for n in names if " " in n)
             self._pools = (firsts, words, phrases)
         return self._pools
 
@@ -363,23 +377,34 @@ class Registry:
         # A phrase of two words can only be near a command of several (a one-word name is
         # never within the cutoff of "statsu please"); a word may be near either.
         pool = phrases if " " in lowered and cutoff >= _NEAR_MISS else words
-        pool = self._within_reach(lowered, pool, cutoff)
-        if not pool:
+        near = self._within_reach(lowered, pool, cutoff)
+        if not near:
             return None
-        close = difflib.get_close_matches(lowered, pool, n=1, cutoff=cutoff)
+        close = difflib.get_close_matches(lowered, near, n=1, cutoff=cutoff)
         if not close:
             return None
         return firsts.get(close[0], close[0])
 
-    def _within_reach(self, lowered: str, pool: list[str], cutoff: float) -> list[str]:
+    def _within_reach(self, lowered: str, pool: _Pool, cutoff: float) -> list[str]:
         """The candidates difflib could find within ``cutoff`` of ``lowered``, by upper
         bounds of its ratio (2 * matches / total length) that cost no matcher: the shorter
         length, and the letters of ``lowered`` that the candidate has at all. Most words
         are near no command, and this runs for every message."""
         size = len(lowered)
+        # 2 * min(size, length) >= cutoff * (size + length) bounds the length both ways:
+        # only that stretch of the pool (sorted by length) is looked at, and the bound is
+        # still checked exactly below.
+        shortest = int(size * cutoff / (2 - cutoff))
+        longest = int(size * (2 - cutoff) / cutoff) + 1
+        lengths = pool.lengths
+        window = pool.names[
+            bisect.bisect_left(lengths, shortest) : bisect.bisect_right(lengths, longest)
+        ]
+        if not window:
+            return []
         letters = set(lowered)
         kept: list[str] = []
-        for candidate in pool:
+        for candidate in window:
             total = size + len(candidate)
             if 2 * min(size, len(candidate)) < cutoff * total:
                 continue

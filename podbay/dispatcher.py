@@ -94,6 +94,7 @@ class _Session:
     run_task: asyncio.Task[None] | None = None
     running: ActiveRun | None = None
     typing: bool = False
+    scratch: Path | None = None  # the conversation's host workdir, once worked out
 
     @property
     def idle(self) -> bool:
@@ -715,13 +716,15 @@ class Dispatcher:
         if await self.store.run_finish_if_active(run_id, "cancelled", error="stopped"):
             await self.store.inbox_mark(ids, "done", note="run cancelled")
 
-    def _workdir(self, session: SessionKey, project: ProjectRow | None) -> Path:
+    def _workdir(self, state: _Session, project: ProjectRow | None) -> Path:
         """The project's source, or a per-conversation scratch directory: a host agent must
         never run in podbay's own working directory."""
         if project is not None:
             return Path(project.path)
-        digest = hashlib.sha256(str(session).encode()).hexdigest()[:16]
-        return self._scratch / digest
+        if state.scratch is None:
+            digest = hashlib.sha256(str(state.key).encode()).hexdigest()[:16]
+            state.scratch = self._scratch / digest
+        return state.scratch
 
     async def _run(
         self,
@@ -738,7 +741,7 @@ class Dispatcher:
         # run need not wait for that commit.
         try:
             # A scratch directory is made by the agent that runs in it (on the host).
-            workdir = self._workdir(state.key, project)
+            workdir = self._workdir(state, project)
             plan = RunPlan(run_id, state.key, prompt, project, session_row, workdir)
             relay = Relay(self, state.key, verbose=session_row.verbose, clock=self._clock)
             async for event in self.engine.runs.execute(plan):

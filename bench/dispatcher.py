@@ -36,6 +36,7 @@ from podbay.dispatcher import Dispatcher  # noqa: E402
 from podbay.engine.core import Engine  # noqa: E402
 from podbay.engine.store import Store  # noqa: E402
 from podbay.messages import SessionKey  # noqa: E402
+from podbay.runtime import tune_collector  # noqa: E402
 
 
 async def _setup(
@@ -56,6 +57,7 @@ async def _setup(
     dispatcher.attach(transport)
     await transport.start(dispatcher.submit)
     await dispatcher.recover()
+    tune_collector()  # as `podbay run` does once it has started
     return store, dispatcher, transport
 
 

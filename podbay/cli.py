@@ -34,6 +34,7 @@ from podbay.engine.ssh import ssh_config_block
 from podbay.engine.store import Store, backup_database
 from podbay.errors import ConfigError, PodbayError, UserError
 from podbay.redact import RedactingFormatter
+from podbay.runtime import tune_collector
 from podbay.supervisor import read_published
 from podbay.transports.console import ConsoleTransport
 from podbay.transports.plugins import discover
@@ -243,6 +244,7 @@ async def _chat(settings: Settings) -> int:
     console = ConsoleTransport()
     async with Podbay(settings, transports=[console]) as bot:
         assert bot.dispatcher is not None
+        tune_collector()
         stop = _stop_event()
         waiter = asyncio.create_task(console.closed.wait())
         stopper = asyncio.create_task(stop.wait())
@@ -269,6 +271,7 @@ async def _run(settings: Settings) -> int:
         bot.transports.append(ConsoleTransport())
     transports = bot.transports
     async with bot:
+        tune_collector()
         names = ", ".join(t.name for t in transports)
         log.info("podbay serving on: %s", names)
         stop = _stop_event()

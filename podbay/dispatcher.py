@@ -271,9 +271,16 @@ class Dispatcher:
             log.exception("editing a message in %s failed", ref.session)
             return None
 
-    async def _typing(self, state: _Session, active: bool) -> None:
+    def _typing_due(self, state: _Session, active: bool) -> Transport | None:
+        """The transport, when the conversation's typing indicator is to be switched."""
         transport = self._transports.get(state.key.transport)
         if transport is None or not transport.capabilities.typing or state.typing == active:
+            return None
+        return transport
+
+    async def _typing(self, state: _Session, active: bool) -> None:
+        transport = self._typing_due(state, active)
+        if transport is None:
             return
         state.typing = active
         try:
@@ -313,8 +320,21 @@ class Dispatcher:
             )
             return
         stored = self.registry.redact(inbound.text)
+        carries_secret = stored != inbound.text
+        # Most of a burst are prompts: one known as such before it is stored is stored as
+        # taken (its lane takes it the moment it is stored, unless busy: see _enqueue).
+        prompt = (
+            self._as_prompt(inbound)
+            if self._accepting and not self._closed and not carries_secret
+            else None
+        )
         try:
-            inbox_id = await self.store.inbox_add(inbound, stored)
+            if prompt is None:
+                inbox_id = await self.store.inbox_add(inbound, stored)
+            else:
+                inbox_id = await self.store.inbox_add(
+                    inbound, stored, status="processing", kind="freeform"
+                )
         except Exception as exc:
             ref = secrets.token_hex(4)
             quoted = _excerpt(self.registry.redact(inbound.text), 60)
@@ -335,13 +355,16 @@ class Dispatcher:
         if not await self._within_rate(inbox_id, inbound):
             return
         if self._closed:
-            return  # stays "received": the next start dispatches it
+            # Stays (or is again) "received": the next start dispatches it.
+            if prompt is not None:
+                self.store.inbox_mark_later([inbox_id], "received", kind="")
+            return
         if not self._accepting:
             self._held.append((inbox_id, inbound))
             return
         if inbox_id in self._replayed:
             return  # stored before recovery read the inbox: recovery dispatched it
-        self._enqueue(inbox_id, inbound, carries_secret=stored != inbound.text)
+        self._enqueue(inbox_id, inbound, carries_secret=carries_secret, prompt=prompt)
 
     async def _within_rate(self, inbox_id: int, inbound: Inbound) -> bool:
         """Count the message against its sender's limit; over it, it is recorded and
@@ -395,9 +418,26 @@ class Dispatcher:
         return state
 
     def _enqueue(
-        self, inbox_id: int, inbound: Inbound, *, carries_secret: bool | None = None
+        self,
+        inbox_id: int,
+        inbound: Inbound,
+        *,
+        carries_secret: bool | None = None,
+        prompt: str | None = None,
     ) -> None:
+        """Hand a stored message to its conversation. ``prompt``: the message is a prompt
+        (see :meth:`_as_prompt`), stored as taken; with the front lane idle and room in
+        the queue it joins the next run at once, without a task of its own."""
         state = self._state(inbound.session)
+        if (
+            prompt is not None
+            and state.front_task is None
+            and not state.front
+            and len(state.pending) < self._cfg.max_queued_messages
+            and self._typing_due(state, True) is None
+        ):
+            self._queue_prompt(state, inbox_id, inbound, prompt, marked=True)
+            return
         state.front.append((inbox_id, inbound, carries_secret))
         if state.front_task is None:
             state.front_task = asyncio.create_task(
@@ -423,6 +463,29 @@ class Dispatcher:
             state.front_task = None
             state.wake.set()  # a flushing lane waits for every message to reach it
             self._maybe_evict(state)
+
+    def _as_prompt(self, inbound: Inbound) -> str | None:
+        """The prompt, when ``inbound`` (no secret in it) is one from an operator that a
+        lane takes as it is; None for anything else (a command, a refusal, a click, a
+        project name not yet known): the front lane's :meth:`_handle` deals with that."""
+        if inbound.action is not None:
+            return None
+        role = role_for(inbound.sender.identity, self.settings.access)
+        names = self.store.cached_project_names()
+        if role is None or role < Role.OPERATOR or names is None:
+            return None
+        try:
+            parsed = self.registry.parse(
+                inbound.text,
+                mentioned=inbound.mentioned,
+                extra_aliases=inbound.aliases,
+                projects=names,
+            )
+        except Exception:
+            return None  # a mistyped command: _handle parses it again and says so
+        if not isinstance(parsed, Freeform) or not (parsed.addressed or inbound.ambient):
+            return None
+        return parsed.text
 
     async def _handle(
         self, state: _Session, inbox_id: int, inbound: Inbound, carries_secret: bool | None
@@ -596,9 +659,18 @@ class Dispatcher:
                 ),
             )
             return
-        # Not waited for: the run that takes this message is recorded after it (writes
-        # are committed in order), and until then a restart redoes the message.
-        await self.store.inbox_mark([inbox_id], "processing", kind="freeform", wait=False)
+        self._queue_prompt(state, inbox_id, inbound, text, marked=False)
+        await self._typing(state, True)
+
+    def _queue_prompt(
+        self, state: _Session, inbox_id: int, inbound: Inbound, text: str, *, marked: bool
+    ) -> None:
+        """Queue an accepted prompt for the conversation's next run (``marked``: its inbox
+        row says so already)."""
+        if not marked:
+            # Not waited for: the run that takes this message is recorded after it (writes
+            # are committed in order), and until then a restart redoes the message.
+            self.store.inbox_mark_later([inbox_id], "processing", kind="freeform")
         now = self._clock()
         state.pending.append(Pending(inbox_id, inbound.sender, text))
         if state.first_at is None:
@@ -608,7 +680,6 @@ class Dispatcher:
         state.deadline = now if self._flushing else min(now + window, ceiling)
         state.wake.set()
         self._ensure_lane(state)
-        await self._typing(state, True)
 
     def _ensure_lane(self, state: _Session) -> None:
         if state.lane_task is None and state.pending and not self._cancelling:

@@ -259,6 +259,49 @@ async def test_restart_interrupts_processing_rows_and_redispatches_received_ones
         await dispatcher.shutdown()
 
 
+async def test_a_prompt_stored_while_podbay_stops_is_run_after_the_next_start(
+    settings: Settings, registry: Registry
+) -> None:
+    from fakes.transport import MemoryTransport
+
+    from podbay.dispatcher import Dispatcher
+    from podbay.engine.core import Engine
+    from podbay.engine.store import Store
+
+    path = settings.data_dir / "podbay.db"
+    async with await Store.open(path) as store:
+        agent = FakeAgent(auto_release=0.0)
+        dispatcher = Dispatcher(Engine(store, settings, agent=agent), registry, settings)
+        transport = MemoryTransport()
+        dispatcher.attach(transport)
+        await transport.start(dispatcher.submit)
+        await dispatcher.recover()
+        await transport.say("whoami")  # podbay is up and has read its project names
+        await transport.wait_for_text("You are `memory:alice`")
+        stopping: list[asyncio.Task[None]] = []
+        store_message = store.inbox_add
+
+        async def stop_meanwhile(*args: object, **kwargs: object) -> int | None:
+            # The stop begins while the message is being stored (before its commit).
+            stopping.append(asyncio.create_task(dispatcher.shutdown()))
+            return await store_message(*args, **kwargs)  # type: ignore[arg-type]
+
+        store.inbox_add = stop_meanwhile  # type: ignore[method-assign]
+        await transport.say("fix the flaky test", platform_id="late")
+        await stopping[0]
+        assert agent.runs == [], "a stopping podbay starts no run"
+    async with await Store.open(path) as store:
+        agent = FakeAgent(auto_release=0.0)
+        dispatcher = Dispatcher(Engine(store, settings, agent=agent), registry, settings)
+        transport = MemoryTransport()
+        dispatcher.attach(transport)
+        await dispatcher.recover()
+        await dispatcher.drain()
+        assert agent.prompts() == ["fix the flaky test"], "the message is done, not lost"
+        assert not any("restarted" in t for t in transport.texts()), "nor called interrupted"
+        await dispatcher.shutdown()
+
+
 async def test_token_outside_a_private_chat_is_refused_and_never_stored(harness: Harness) -> None:
     await harness.transport.say("new project demo --token ghp_supersecret123", platform_id="t1")
     reply = await harness.transport.wait_for_text("private 1:1")

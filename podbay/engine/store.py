@@ -566,8 +566,8 @@ def _source_conflict(name: str, wanted: Path, rows: Iterable[sqlite3.Row]) -> st
 _INBOX_COLUMNS = """id, transport, platform_id, session_key, conversation, thread,
         sender_id, sender_name, is_direct, mentioned, text, inbound, received_at, updated_at"""
 _INBOX_INSERT = f"""
-    INSERT INTO inbox ({_INBOX_COLUMNS}, status)
-    VALUES ({", ".join("?" * 14)}, 'received')
+    INSERT INTO inbox ({_INBOX_COLUMNS}, status, kind)
+    VALUES ({", ".join("?" * 16)})
     ON CONFLICT (transport, platform_id) DO NOTHING"""
 _INBOX_STORED = (
     "SELECT json_group_array(id) FROM inbox WHERE id IN (SELECT value FROM json_each(?))"
@@ -955,10 +955,19 @@ class Store:
 
     # ---------------------------------------------------------------- inbox
 
-    async def inbox_add(self, inbound: Inbound, text: str | None = None) -> int | None:
+    async def inbox_add(
+        self,
+        inbound: Inbound,
+        text: str | None = None,
+        *,
+        status: InboxStatus = "received",
+        kind: str = "",
+    ) -> int | None:
         """Record a received message; ``None`` if (transport, platform_id) is a redelivery.
 
-        ``text`` replaces ``inbound.text`` in storage (callers pass a redacted copy).
+        ``text`` replaces ``inbound.text`` in storage (callers pass a redacted copy). A
+        message known to be a prompt its lane takes at once is stored as such (``status``
+        "processing", ``kind`` "freeform"): one write less than marking it afterwards.
         Returns once the row is committed (group-committed with others arriving meanwhile).
         """
         self._check_writable()
@@ -981,6 +990,8 @@ class Store:
             inbound_to_json(inbound, stored),
             inbound.received_at,
             self._clock(),
+            status,
+            kind,
         )
         write = _Write([(_INBOX_INSERT, row)], merge=_MERGE_INBOX_ADD, rows=row)
         count, _ = await self._batched(write)
@@ -999,16 +1010,34 @@ class Store:
         returns once committed (with ``wait=False`` at once: see :meth:`_later`)."""
         if not ids:
             return
+        if not wait:
+            self.inbox_mark_later(ids, status, kind=kind, note=note)
+            return
+        await self._batched(self._mark(ids, status, kind, note))
+
+    def inbox_mark_later(
+        self,
+        ids: Sequence[int],
+        status: InboxStatus,
+        *,
+        kind: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        """:meth:`inbox_mark` without waiting (write-behind, see :meth:`_later`): callable
+        where nothing may be awaited."""
+        if ids:
+            write = self._mark(ids, status, kind, note)
+            self._later(write, f"the status of message(s) {', '.join(map(str, ids))}")
+
+    def _mark(
+        self, ids: Sequence[int], status: InboxStatus, kind: str | None, note: str | None
+    ) -> _Write:
         which, rows = (_ONE_ID, ids[0]) if len(ids) == 1 else (_IDS, json.dumps(list(ids)))
-        write = _Write(
+        return _Write(
             [(_MARK_SQL + which, (status, kind, note, self._clock(), rows))],
             merge=("inbox_mark", status, kind, note),
             rows=tuple(ids),
         )
-        if not wait:
-            self._later(write, f"the status of message(s) {', '.join(map(str, ids))}")
-            return
-        await self._batched(write)
 
     async def _batched(self, write: _Write) -> Outcome:
         self._check_writable()
@@ -1322,6 +1351,10 @@ class Store:
             if self._names_generation == generation:  # no project changed meanwhile
                 self._names = names
         return list(names)
+
+    def cached_project_names(self) -> Sequence[str] | None:
+        """The project names if known without a query (None: ask :meth:`project_names`)."""
+        return self._names
 
     def _forget_names(self) -> None:
         self._names = None

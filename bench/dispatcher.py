@@ -57,7 +57,6 @@ async def _setup(
     dispatcher.attach(transport)
     await transport.start(dispatcher.submit)
     await dispatcher.recover()
-    tune_collector()  # as `podbay run` does once it has started
     return store, dispatcher, transport
 
 
@@ -269,6 +268,7 @@ async def retained_memory(tmp: Path, sessions: int = 2000) -> dict[str, float]:
 
 
 async def main() -> None:
+    tune_collector()  # once, as `podbay run` does when it has started
     with tempfile.TemporaryDirectory() as raw:
         tmp = Path(raw)
         results = {

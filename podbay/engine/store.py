@@ -239,6 +239,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX inbox_received ON inbox (id) WHERE status = 'received'",
         "CREATE INDEX inbox_processing ON inbox (id) WHERE status = 'processing'",
     ),
+    (
+        # The rows being processed by conversation: a run's messages are marked done
+        # together, and their entries now lie side by side. Ordered by id they were spread
+        # over the whole index (one conversation's messages arrive between everyone
+        # else's), and marking a run done rewrote a page of it per message.
+        "DROP INDEX inbox_processing",
+        "CREATE INDEX inbox_processing ON inbox (session_key) WHERE status = 'processing'",
+    ),
 ]
 
 _RESTARTED = "podbay restarted"
@@ -1171,7 +1179,10 @@ class Store:
         still-'received' rows to redo, both ordered by id."""
         async with self._tx():
             processing = await self._fetchall(
-                "SELECT * FROM inbox WHERE status = 'processing' ORDER BY id"
+                # By the partial index (then sorted): the table in id order is the whole
+                # history.
+                "SELECT * FROM inbox INDEXED BY inbox_processing"
+                " WHERE status = 'processing' ORDER BY id"
             )
             await self._execute(
                 "UPDATE inbox SET status = 'interrupted', updated_at = ?"

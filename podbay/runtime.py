@@ -7,11 +7,12 @@ import gc
 
 # CPython's defaults (700, 10, 10) suit short scripts. A burst of messages makes podbay
 # allocate a few container objects per message (a task, futures, coroutine frames, a row)
-# that live for a moment; with the defaults the collector ran ~200 times in the dispatcher
-# benchmark's 10,000 messages, and its passes over the older generations (everything the
-# process holds) took 10-20 % of the time. Collections now come every 50,000 new objects;
-# cyclic garbage is still collected, it waits a little longer (a few MB at most).
-GC_THRESHOLDS = (50_000, 20, 20)
+# that live for a moment; with the default the young generation was collected ~200 times
+# in the dispatcher benchmark's 10,000 messages, and each pass that reached the older
+# generations walked everything the process holds: 10-20 % of the time. Young objects
+# are now collected every 50,000 new ones; the older generations as before (every 10
+# passes of the one below). Cyclic garbage is still collected, a little later.
+GC_THRESHOLDS = (50_000, 10, 10)
 
 
 def tune_collector() -> None:

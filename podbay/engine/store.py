@@ -589,6 +589,14 @@ _ONE_ID = "= ?"
 _IDS = "IN (SELECT value FROM json_each(?))"
 
 _MERGE_INBOX_ADD = ("inbox_add",)
+_RUN_COLUMNS = (
+    "id", "session_key", "project", "prompt", "agent", "status", "created_at",
+    "started_at", "finished_at", "exit_code", "error", "usage", "cost_usd", "num_turns",
+)  # fmt: skip
+_RUN_OUTCOME = ("status", "finished_at", "exit_code", "error", "usage", "cost_usd", "num_turns")
+_RUN_INSERT = (
+    f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({', '.join('?' * len(_RUN_COLUMNS))})"
+)
 Outcome = tuple[int, int | None]  # (rowcount, lastrowid) of a write's last statement
 # How long a write waits for a lock another process holds (after SQLite's own busy_timeout).
 LOCKED_WAIT_S = 60.0
@@ -622,19 +630,18 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 def _mark_turn_statements(key: SessionKey, at: float, now: float) -> list[tuple[str, Params]]:
-    """The session exists, its turn began at ``at`` and it was active ``now``."""
+    """The session exists, its turn began at ``at`` and it was active ``now`` (one
+    statement: a run records it, and every statement of a batch counts)."""
     return [
         (
             """
-            INSERT INTO sessions (session_key, transport, conversation, thread, last_activity)
-            VALUES (?, ?, ?, ?, ?)
-            ON CONFLICT (session_key) DO NOTHING
+            INSERT INTO sessions
+                (session_key, transport, conversation, thread, last_activity, last_turn_at)
+            VALUES (?, ?, ?, ?, ?, ?)
+            ON CONFLICT (session_key) DO UPDATE
+                SET last_turn_at = excluded.last_turn_at, last_activity = excluded.last_activity
             """,
-            (str(key), key.transport, key.conversation, key.thread, now),
-        ),
-        (
-            "UPDATE sessions SET last_turn_at = ?, last_activity = ? WHERE session_key = ?",
-            (at, now, str(key)),
+            (str(key), key.transport, key.conversation, key.thread, now, at),
         ),
     ]
 
@@ -766,6 +773,11 @@ class Store:
         # database: one podbay writes a data directory (bot.py holds a lock on it).
         self._last_run_id = 0
         self._last_inbox_id = 0
+        # The rows of runs recorded without waiting whose INSERT is still queued: a start
+        # or an outcome recorded meanwhile (as the dispatcher records a short run's) goes
+        # into the row to insert instead of an UPDATE of its own. Forgotten when the
+        # flusher takes the batch (from then on the database thread reads the row).
+        self._unsent_runs: dict[int, list[Any]] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1139,6 +1151,7 @@ class Store:
             await asyncio.sleep(0)
             await self._company()
             batch, self._pending, self._urgent = self._pending, [], False
+            self._unsent_runs.clear()
             done = self._tail
             try:
                 results: list[Any] = list(await self._commit(batch))
@@ -1524,15 +1537,9 @@ class Store:
         self._last_run_id += 1
         run_id = self._last_run_id
         now = self._clock()
-        statements: list[tuple[str, Params]] = [
-            (
-                """
-                INSERT INTO runs (id, session_key, project, prompt, agent, status, created_at)
-                VALUES (?, ?, ?, ?, ?, 'pending', ?)
-                """,
-                (run_id, str(session), project, prompt, agent, now),
-            )
-        ]
+        row: list[Any] = [run_id, str(session), project, prompt, agent, "pending", now]
+        row += [None, None, None, "", "{}", None, None]  # started ... num_turns: not yet
+        statements: list[tuple[str, Params]] = [(_RUN_INSERT, row)]
         if inbox_ids:
             statements.append(
                 (
@@ -1547,6 +1554,7 @@ class Store:
             await self._batched(_Write(statements))
         else:
             self._later(_Write(statements), f"run {run_id}")
+            self._unsent_runs[run_id] = row
         return run_id
 
     async def run_start(
@@ -1558,6 +1566,13 @@ class Store:
         statements: list[tuple[str, Params]] = []
         if turn is not None:
             statements = _mark_turn_statements(turn, now, now)
+        unsent = self._unsent_runs.get(run_id) if not wait else None
+        if unsent is not None:
+            unsent[_RUN_COLUMNS.index("status")] = "running"
+            unsent[_RUN_COLUMNS.index("started_at")] = now
+            if statements:
+                self._later(_Write(statements), f"the start of run {run_id}")
+            return
         statements.append(
             ("UPDATE runs SET status = 'running', started_at = ? WHERE id = ?", (now, run_id))
         )
@@ -1582,6 +1597,12 @@ class Store:
     ) -> None:
         """Record the outcome of a run. With ``wait=False`` it returns at once (see
         :meth:`_later`)."""
+        unsent = self._unsent_runs.get(run_id) if not wait else None
+        if unsent is not None:
+            outcome = (status, self._clock(), exit_code, error, json.dumps(usage or {}))
+            for name, value in zip(_RUN_OUTCOME, (*outcome, cost_usd, num_turns), strict=True):
+                unsent[_RUN_COLUMNS.index(name)] = value
+            return
         write = _Write(
             [
                 (

@@ -141,6 +141,54 @@ async def test_write_behind_is_committed_in_order_and_every_later_read_sees_it(
         await store.close()
 
 
+async def test_a_short_run_records_the_same_whether_or_not_its_record_was_sent_yet(
+    tmp_path: Path,
+) -> None:
+    """A run started and finished while its INSERT is still queued goes in as one row;
+    once the INSERT has gone, the start and the outcome are updates. Either way the row,
+    the conversation's turn and the events are the same."""
+    store = await Store.open(tmp_path / "p.db")
+    clock = iter(range(1000, 2000))
+    store._clock = lambda: float(next(clock))
+    try:
+        recorded = []
+        for room, sent_first in (
+            (SessionKey("memory", "a"), False),
+            (SessionKey("memory", "b"), True),
+        ):
+            inbox = await store.inbox_add(message(len(recorded), f"run-{room}"))
+            assert inbox is not None
+            run_id = await store.run_create(
+                room, "", "a prompt", "fake", inbox_ids=[inbox], wait=False
+            )
+            if sent_first:
+                await store.inbox_mark([inbox], "processing")  # waits: the INSERT is sent
+            await store.run_start(run_id, turn=room, wait=False)
+            await store.run_event(run_id, "text", "done it", wait=False)
+            await store.run_finish(
+                run_id, "failed", exit_code=3, error="it broke", usage={"input_tokens": 7},
+                cost_usd=0.25, num_turns=2, wait=False,
+            )  # fmt: skip
+            run = await store.run_get(run_id)
+            session = await store.session_get(room)
+            row = await store.inbox_get(inbox)
+            assert run is not None and row is not None and row.run_id == run_id
+            events = [(kind, text) for _, kind, text in await store.run_events(run_id)]
+            recorded.append((run, session.last_turn_at, events))
+        (folded, turn_a, events_a), (updated, turn_b, events_b) = recorded
+        assert (folded.status, folded.exit_code, folded.error) == ("failed", 3, "it broke")
+        assert (folded.usage, folded.cost_usd, folded.num_turns) == ({"input_tokens": 7}, 0.25, 2)
+        assert folded.created_at < folded.started_at < folded.finished_at  # type: ignore[operator]
+        assert turn_a == folded.started_at and events_a == [("text", "done it")]
+        # The second run differs only in its id, its session and its times (later ones).
+        same = ("status", "exit_code", "error", "usage", "cost_usd", "num_turns", "prompt")
+        assert [getattr(updated, f) for f in same] == [getattr(folded, f) for f in same]
+        assert updated.created_at < updated.started_at < updated.finished_at  # type: ignore[operator]
+        assert turn_b == updated.started_at and events_b == events_a
+    finally:
+        await store.close()
+
+
 async def test_write_behind_nobody_waits_for_still_reaches_the_disk(tmp_path: Path) -> None:
     """Held back for company (so a run's records share the commit of its messages' done),
     write-behind writes alone are still committed soon, with no read or awaited write."""

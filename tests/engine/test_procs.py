@@ -200,3 +200,30 @@ async def test_tags_of_another_podbay_are_left_alone(store: Store, tmp_path: Pat
         assert alive(tracked.pid)
     finally:
         assert await other.kill_tree(tracked) == []
+
+
+async def test_a_program_is_found_as_exec_finds_it_and_a_bad_one_is_refused_unrecorded(
+    store: Store, tmp_path: Path
+) -> None:
+    tracker = ProcessTracker(store)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "hello-tool"
+    tool.write_text('#!/bin/sh\necho "hello from $0 in $(pwd)"\n')
+    tool.chmod(0o755)
+    plain = bin_dir / "not-executable"
+    plain.write_text("#!/bin/sh\necho never\n")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    # By the child's PATH, not podbay's.
+    done = await tracker.run("hello-tool", kind="agent", env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.decode().endswith(f" in {tmp_path}\n")
+    # With a slash: relative to the child's working directory.
+    done = await tracker.run("./bin/hello-tool", kind="agent", cwd=tmp_path)
+    assert done.returncode == 0 and b"hello from" in done.stdout
+    with pytest.raises(FileNotFoundError):
+        await tracker.spawn("no-such-agent-cli", kind="agent", env=env)
+    with pytest.raises(FileNotFoundError):
+        await tracker.spawn("./bin/hello-tool", kind="agent")  # not relative to podbay's cwd
+    with pytest.raises(PermissionError):
+        await tracker.spawn(str(plain), kind="agent")
+    assert await store.processes_live() == []

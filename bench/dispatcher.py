@@ -132,7 +132,7 @@ async def baseline_sqlite(tmp: Path, conversations: int, per: int) -> float:
 
 
 async def throughput_vs_baselines(
-    tmp: Path, conversations: int = 1000, per: int = 10, rounds: int = 3
+    tmp: Path, conversations: int = 1000, per: int = 10, rounds: int = 5
 ) -> dict[str, object]:
     total = conversations * per
     podbay: list[float] = []

@@ -8,6 +8,7 @@ transaction must never interleave with statements from another coroutine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -573,10 +574,22 @@ def _source_conflict(name: str, wanted: Path, rows: Iterable[sqlite3.Row]) -> st
 
 _INBOX_COLUMNS = """id, transport, platform_id, session_key, conversation, thread,
         sender_id, sender_name, is_direct, mentioned, text, inbound, received_at, updated_at"""
-_INBOX_INSERT = f"""
+_INBOX_ROW = f"({', '.join('?' * 16)})"
+
+
+def _inbox_insert(rows: int) -> str:
+    return f"""
     INSERT INTO inbox ({_INBOX_COLUMNS}, status, kind)
-    VALUES ({", ".join("?" * 16)})
+    VALUES {", ".join([_INBOX_ROW] * rows)}
     ON CONFLICT (transport, platform_id) DO NOTHING"""
+
+
+_INBOX_INSERT = _inbox_insert(1)
+# A burst of messages is inserted by statements of these many rows each (few distinct
+# statements, so they stay prepared in the connection's cache; 256 rows are 4,096 of
+# SQLite's 32,766 parameters).
+_INBOX_CHUNKS = (256, 64, 16, 4, 1)
+_INBOX_INSERTS = {rows: _inbox_insert(rows) for rows in _INBOX_CHUNKS}
 _INBOX_STORED = (
     "SELECT json_group_array(id) FROM inbox WHERE id IN (SELECT value FROM json_each(?))"
 )
@@ -659,10 +672,17 @@ def _apply_write(conn: sqlite3.Connection, write: _Write) -> Outcome | list[sqli
 
 def _merged_inbox_add(conn: sqlite3.Connection, group: list[_Write]) -> list[Outcome]:
     rows = [write.rows for write in group]
-    # executemany binds each row in C and returns no rows (each row fetched would be a
-    # hand-over of the GIL between the database thread and the event loop); its rowcount
-    # is the sum over the rows.
-    added = conn.executemany(_INBOX_INSERT, rows).rowcount
+    # Many rows per statement, and no rows returned: sqlite3 lets go of the GIL for every
+    # step of a statement and must take it back from the event loop after it (up to a
+    # switch interval each time while the loop is busy), so an executemany of 1,000 rows
+    # (1,000 steps) could take hundreds of milliseconds; a statement of 256 rows is one
+    # step, during which SQLite works beside the loop.
+    added, start = 0, 0
+    for chunk in _INBOX_CHUNKS:
+        while len(rows) - start >= chunk:
+            part = rows[start : start + chunk]
+            added += conn.execute(_INBOX_INSERTS[chunk], list(itertools.chain(*part))).rowcount
+            start += chunk
     if added == len(rows):
         return [(1, row[0]) for row in rows]
     # Some were redeliveries (a message sent twice in one batch: the second is one).

@@ -157,11 +157,12 @@ class _Pool:
 
     names: list[str]
     lengths: list[int]
+    letters: frozenset[str]  # every letter of every name
 
     @staticmethod
     def of(names: Iterable[str]) -> _Pool:
         ordered = sorted(names, key=len)
-        return _Pool(ordered, [len(n) for n in ordered])
+        return _Pool(ordered, [len(n) for n in ordered], frozenset("".join(ordered)))
 
 
 class Registry:
@@ -403,6 +404,13 @@ class Registry:
         if not window:
             return []
         letters = set(lowered)
+        absent = letters - pool.letters
+        if absent:
+            # Letters no name has at all bound every candidate's ratio at once (the
+            # shortest candidate of the window gives the largest bound).
+            shared = size - sum(map(lowered.count, absent))
+            if 2 * shared < cutoff * (size + len(window[0])):
+                return []
         kept: list[str] = []
         for candidate in window:
             total = size + len(candidate)

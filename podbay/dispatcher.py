@@ -823,11 +823,11 @@ class Dispatcher:
             raise
         except UserError as exc:
             slot.release()
-            await self.store.inbox_mark(ids, "done")
+            await self.store.inbox_mark(ids, "done", run=run_id)
             await self.send(state.key, Reply(str(exc), "error"))
             return
         slot.release()
-        await self.store.inbox_mark(ids, "done")
+        await self.store.inbox_mark(ids, "done", run=run_id)
 
     # -- control ----------------------------------------------------------------------
 

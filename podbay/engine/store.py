@@ -600,6 +600,10 @@ _MARK_SQL = """
 # Which rows: one id, or several (a JSON array: one statement for any number of them).
 _ONE_ID = "= ?"
 _IDS = "IN (SELECT value FROM json_each(?))"
+_MARK_LINK_SQL = """
+    UPDATE inbox SET run_id = ?, status = ?, kind = COALESCE(?, kind),
+        note = COALESCE(?, note), updated_at = ?
+    WHERE id """
 
 _MERGE_INBOX_ADD = ("inbox_add",)
 _RUN_COLUMNS = (
@@ -798,6 +802,10 @@ class Store:
         # into the row to insert instead of an UPDATE of its own. Forgotten when the
         # flusher takes the batch (from then on the database thread reads the row).
         self._unsent_runs: dict[int, list[Any]] = {}
+        # Of those, the writes that also link the run's messages to it, with the ids: the
+        # messages marked done meanwhile get their link in that same UPDATE (one rewrite of
+        # each row, not two). Forgotten with the rows, and by a queued read of the inbox.
+        self._unsent_links: dict[int, tuple[_Write, tuple[int, ...]]] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1045,15 +1053,27 @@ class Store:
         kind: str | None = None,
         note: str | None = None,
         wait: bool = True,
+        run: int | None = None,
     ) -> None:
         """Set the status (and, when given, kind and note) of every id, all or nothing;
-        returns once committed (with ``wait=False`` at once: see :meth:`_later`)."""
+        returns once committed (with ``wait=False`` at once: see :meth:`_later`).
+
+        ``run``: these are the messages of that run, as :meth:`run_create` linked them.
+        While that link is still queued, this UPDATE links them instead.
+        """
         if not ids:
             return
         if not wait:
             self.inbox_mark_later(ids, status, kind=kind, note=note)
             return
-        await self._batched(self._mark(ids, status, kind, note))
+        write = self._mark(ids, status, kind, note)
+        linking = self._unsent_links.pop(run, None) if run is not None else None
+        if linking is not None and linking[1] == tuple(ids):
+            run_write, _ = linking
+            del run_write.statements[-1]  # the link, last of the run's INSERT
+            params = write.statements[0][1]
+            write = _Write([(_MARK_LINK_SQL + _IDS, (run, *params[:4], json.dumps(list(ids))))])
+        await self._batched(write)
 
     def inbox_mark_later(
         self,
@@ -1090,6 +1110,8 @@ class Store:
         Never call it holding ``_lock``: the commit needs it."""
         read = _Write([(sql, params)], read=True)
         read.future = asyncio.get_running_loop().create_future()
+        if "inbox" in sql:
+            self._unsent_links.clear()  # it must see the messages linked to their runs
         self._queue(read)
         return cast(list[sqlite3.Row], await read.future)
 
@@ -1172,6 +1194,7 @@ class Store:
             await self._company()
             batch, self._pending, self._urgent = self._pending, [], False
             self._unsent_runs.clear()
+            self._unsent_links.clear()
             done = self._tail
             try:
                 results: list[Any] = list(await self._commit(batch))
@@ -1570,11 +1593,14 @@ class Store:
                     (run_id, now, json.dumps(list(inbox_ids))),
                 )
             )
+        write = _Write(statements)
         if wait:
-            await self._batched(_Write(statements))
+            await self._batched(write)
         else:
-            self._later(_Write(statements), f"run {run_id}")
+            self._later(write, f"run {run_id}")
             self._unsent_runs[run_id] = row
+            if inbox_ids:
+                self._unsent_links[run_id] = (write, tuple(inbox_ids))
         return run_id
 
     async def run_start(

@@ -189,6 +189,39 @@ async def test_a_short_run_records_the_same_whether_or_not_its_record_was_sent_y
         await store.close()
 
 
+async def test_a_runs_messages_are_linked_to_it_and_done_whether_or_not_its_record_was_sent(
+    tmp_path: Path,
+) -> None:
+    """Marked done while the run's record is still queued, the messages get their link to
+    the run in that same update; a mark of other messages leaves the link alone."""
+    db = tmp_path / "p.db"
+    store = await Store.open(db)
+    try:
+        outcomes = []
+        for n, (sent_first, marked) in enumerate(((False, 2), (True, 2), (False, 1))):
+            ids = [await store.inbox_add(message(10 * n + i)) for i in range(2)]
+            assert None not in ids
+            inbox = [i for i in ids if i is not None]
+            room = SessionKey("memory", f"r{n}")
+            run_id = await store.run_create(room, "", "go", "fake", inbox_ids=inbox, wait=False)
+            if sent_first:
+                await store.session_get(room)  # a read: the queued INSERT goes first
+            await store.run_finish(run_id, "succeeded", wait=False)
+            await store.inbox_mark(inbox[:marked], "done", run=run_id)
+            rows = [await store.inbox_get(i) for i in inbox]
+            outcomes.append([(r.run_id == run_id, r.status) for r in rows if r is not None])
+        assert outcomes == [
+            [(True, "done"), (True, "done")],
+            [(True, "done"), (True, "done")],
+            # Not the messages the run was given: they are marked, the link stays the run's.
+            [(True, "done"), (True, "received")],
+        ]
+        # And so on disk, read by another connection.
+        assert list(committed(db).values()).count("done") == 5
+    finally:
+        await store.close()
+
+
 async def test_write_behind_nobody_waits_for_still_reaches_the_disk(tmp_path: Path) -> None:
     """Held back for company (so a run's records share the commit of its messages' done),
     write-behind writes alone are still committed soon, with no read or awaited write."""

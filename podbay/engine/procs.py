@@ -430,31 +430,24 @@ class ProcessTracker:
         loop = asyncio.get_running_loop()
         parent = os.getpid()
         try:
+            launch: list[str] = list(argv)
+            extra: dict[str, Any] = {}
             if _SETPRIV is not None:
                 program = _program(argv[0], cwd, child_env)
                 launch = [_SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]]
-                transport, protocol = await loop.subprocess_exec(
-                    lambda: _TrackingProtocol(limit, loop),
-                    *launch,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd=cwd,
-                    env=child_env,
-                    start_new_session=True,
-                )
             else:
-                transport, protocol = await loop.subprocess_exec(
-                    lambda: _TrackingProtocol(limit, loop),
-                    *argv,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd=cwd,
-                    env=child_env,
-                    start_new_session=True,
-                    preexec_fn=lambda: _die_with_parent(parent),
-                )
+                extra["preexec_fn"] = lambda: _die_with_parent(parent)
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _TrackingProtocol(limit, loop),
+                *launch,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=child_env,
+                start_new_session=True,
+                **extra,
+            )
         except BaseException:
             if self.store is not None and record_id is not None:
                 await self.store.process_end(record_id)

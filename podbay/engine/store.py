@@ -805,7 +805,7 @@ class Store:
         # Of those, the writes that also link the run's messages to it, with the ids: the
         # messages marked done meanwhile get their link in that same UPDATE (one rewrite of
         # each row, not two). Forgotten with the rows, and by a queued read of the inbox.
-        self._unsent_links: dict[int, tuple[_Write, tuple[int, ...]]] = {}
+        self._unsent_links: dict[int, tuple[_Write, tuple[str, Params], tuple[int, ...]]] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1066,14 +1066,14 @@ class Store:
         if not wait:
             self.inbox_mark_later(ids, status, kind=kind, note=note)
             return
-        write = self._mark(ids, status, kind, note)
         linking = self._unsent_links.pop(run, None) if run is not None else None
-        if linking is not None and linking[1] == tuple(ids):
-            run_write, _ = linking
-            del run_write.statements[-1]  # the link, last of the run's INSERT
-            params = write.statements[0][1]
-            write = _Write([(_MARK_LINK_SQL + _IDS, (run, *params[:4], json.dumps(list(ids))))])
-        await self._batched(write)
+        if linking is not None and linking[2] == tuple(ids):
+            run_write, link, _ = linking
+            run_write.statements.remove(link)
+            params = (run, status, kind, note, self._clock(), json.dumps(list(ids)))
+            await self._batched(_Write([(_MARK_LINK_SQL + _IDS, params)]))
+            return
+        await self._batched(self._mark(ids, status, kind, note))
 
     def inbox_mark_later(
         self,
@@ -1582,25 +1582,21 @@ class Store:
         now = self._clock()
         row: list[Any] = [run_id, str(session), project, prompt, agent, "pending", now]
         row += [None, None, None, "", "{}", None, None]  # started ... num_turns: not yet
-        statements: list[tuple[str, Params]] = [(_RUN_INSERT, row)]
+        write = _Write([(_RUN_INSERT, row)])
+        link: tuple[str, Params] | None = None
         if inbox_ids:
-            statements.append(
-                (
-                    """
-                    UPDATE inbox SET run_id = ?, updated_at = ?
-                    WHERE id IN (SELECT value FROM json_each(?))
-                    """,
-                    (run_id, now, json.dumps(list(inbox_ids))),
-                )
+            link = (
+                "UPDATE inbox SET run_id = ?, updated_at = ? WHERE id " + _IDS,
+                (run_id, now, json.dumps(list(inbox_ids))),
             )
-        write = _Write(statements)
+            write.statements.append(link)
         if wait:
             await self._batched(write)
         else:
             self._later(write, f"run {run_id}")
             self._unsent_runs[run_id] = row
-            if inbox_ids:
-                self._unsent_links[run_id] = (write, tuple(inbox_ids))
+            if link is not None:
+                self._unsent_links[run_id] = (write, link, tuple(inbox_ids))
         return run_id
 
     async def run_start(

@@ -115,8 +115,12 @@ async def test_kill_tree_sigkills_a_leader_that_ignores_sigterm_after_the_grace(
 # pids on stdout, and waits to be killed.
 _FAKE_PODBAY = """
 import asyncio, sys
+from podbay.engine import procs
 from podbay.engine.procs import PIPE, ProcessTracker
 from podbay.engine.store import Store
+
+if sys.argv[2] == "preexec":
+    procs._SETPRIV = None  # as on a host without util-linux's setpriv
 
 TREE = '''
 import os, subprocess, sys, time
@@ -140,14 +144,15 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.parametrize("pdeathsig_by", ["setpriv", "preexec"])
 async def test_after_a_crash_the_leader_dies_with_podbay_and_the_rest_is_killed_at_start(
-    tmp_path: Path,
+    tmp_path: Path, pdeathsig_by: str
 ) -> None:
     db = tmp_path / "podbay.db"
     script = tmp_path / "fake_podbay.py"
     script.write_text(_FAKE_PODBAY)
     fake = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(db), stdout=asyncio.subprocess.PIPE
+        sys.executable, str(script), str(db), pdeathsig_by, stdout=asyncio.subprocess.PIPE
     )
     assert fake.stdout is not None
     line = await asyncio.wait_for(fake.stdout.readline(), 60)

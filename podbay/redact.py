@@ -144,28 +144,6 @@ def _maybe(names: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join([*options, "://", _SHAPE_PREFIXES]))
 
 
-def _spans(text: str, names: tuple[str, ...]) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping spans of every secret in ``text``."""
-    spans: list[tuple[int, int]] = []
-    if _maybe(names).search(text) is not None:
-        if names:
-            found, _ = _option_patterns(names)
-            for m in found.finditer(text):
-                if m.group("value") != REDACTED:
-                    spans.append(m.span("value"))
-        for m in _URL_USERINFO.finditer(text):
-            span = _url_secret(m)
-            if span is not None:
-                spans.append(span)
-        spans.extend(m.span() for m in _SHAPES.finditer(text))
-    for value in _configured:
-        start = text.find(value)
-        while start != -1:
-            spans.append((start, start + len(value)))
-            start = text.find(value, start + len(value))
-    return _merged(spans)
-
-
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     spans.sort()
     merged: list[tuple[int, int]] = []
@@ -177,28 +155,93 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+class Redactor:
+    """Redaction for one set of secret option names, its patterns looked up once: what
+    runs for every message and every line an agent prints."""
+
+    __slots__ = ("_found", "_maybe", "names")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._maybe = _maybe(names)
+        self._found = _option_patterns(names)[0] if names else None
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Sorted, non-overlapping spans of every secret in ``text``."""
+        spans: list[tuple[int, int]] = []
+        if self._maybe.search(text) is not None:
+            if self._found is not None:
+                for m in self._found.finditer(text):
+                    if m.group("value") != REDACTED:
+                        spans.append(m.span("value"))
+            for m in _URL_USERINFO.finditer(text):
+                span = _url_secret(m)
+                if span is not None:
+                    spans.append(span)
+            spans.extend(m.span() for m in _SHAPES.finditer(text))
+        elif not _configured:
+            return spans  # most text: nothing that could start a secret
+        for value in _configured:
+            start = text.find(value)
+            while start != -1:
+                spans.append((start, start + len(value)))
+                start = text.find(value, start + len(value))
+        return _merged(spans)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret replaced by ``[redacted]``; unchanged when it has none."""
+        if not _configured and self._maybe.search(text) is None:
+            return text
+        spans = self.spans(text)
+        if not spans:
+            return text
+        parts: list[str] = []
+        last = 0
+        for start, end in spans:
+            parts += [text[last:start], REDACTED]
+            last = end
+        parts.append(text[last:])
+        return "".join(parts)
+
+    def has_secret(self, text: str) -> bool:
+        """Whether :meth:`redact` would change ``text``."""
+        if not _configured and self._maybe.search(text) is None:
+            return False
+        return bool(self.spans(text))
+
+    def secret_values(self, text: str) -> list[str]:
+        """The secrets themselves (option values without their quotes), in order."""
+        return [_unquote(text[start:end]) for start, end in self.spans(text)]
+
+
+@functools.lru_cache(maxsize=16)
+def _redactor(names: tuple[str, ...]) -> Redactor:
+    return Redactor(names)
+
+
+def redactor(secret_options: Iterable[str] = DEFAULT_SECRET_OPTIONS) -> Redactor:
+    """The :class:`Redactor` for these secret option names (``--token``)."""
+    return _redactor(_names(secret_options))
+
+
+_DEFAULT = redactor()
+
+
 def redact(text: str, secret_options: Iterable[str] = DEFAULT_SECRET_OPTIONS) -> str:
     """``text`` with every secret replaced by ``[redacted]``; unchanged when it has none."""
-    spans = _spans(text, _names(secret_options))
-    if not spans:
-        return text
-    parts: list[str] = []
-    last = 0
-    for start, end in spans:
-        parts += [text[last:start], REDACTED]
-        last = end
-    parts.append(text[last:])
-    return "".join(parts)
+    if secret_options is DEFAULT_SECRET_OPTIONS:
+        return _DEFAULT.redact(text)
+    return redactor(secret_options).redact(text)
 
 
 def has_secret(text: str, secret_options: Iterable[str] = DEFAULT_SECRET_OPTIONS) -> bool:
     """Whether :func:`redact` would change ``text``."""
-    return bool(_spans(text, _names(secret_options)))
+    return redactor(secret_options).has_secret(text)
 
 
 def secret_values(text: str, secret_options: Iterable[str] = DEFAULT_SECRET_OPTIONS) -> list[str]:
     """The secrets themselves (option values without their quotes), in order of appearance."""
-    return [_unquote(text[start:end]) for start, end in _spans(text, _names(secret_options))]
+    return redactor(secret_options).secret_values(text)
 
 
 def secret_option_name(flag: str, secret_options: Iterable[str]) -> str | None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import functools
 import itertools
+import math
 import re
 import shlex
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -18,9 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from podbay.commands.roles import Role
 from podbay.errors import UsageError
 from podbay.messages import Action
-from podbay.redact import DASHES, REDACTED, secret_option_name, secret_values
-from podbay.redact import has_secret as has_secret_in
-from podbay.redact import redact as redact_text
+from podbay.redact import DASHES, REDACTED, Redactor, redactor, secret_option_name
 
 if TYPE_CHECKING:
     from podbay.commands.context import CommandContext
@@ -173,10 +173,14 @@ class Registry:
         self._pools: tuple[dict[str, str], _Pool, _Pool] | None = None
         # Built once per set of commands (parsing runs for every message).
         self._secret_options: frozenset[str] | None = None
+        self._redactor: Redactor | None = None
         self._by_first: dict[str, list[CommandSpec]] | None = None
-        self._suggested: OrderedDict[tuple[str, float], str | None] = OrderedDict()
+        # The same first words come back again and again: their suggestions are kept.
+        self._suggested = functools.lru_cache(maxsize=4096)(self._suggest)
+        self._phrase_reach = functools.lru_cache(maxsize=4096)(self._reach_of_phrases)
         self._charsets: dict[str, frozenset[str]] = {}  # letters of each command word
         self._address_names: list[str] | None = None  # what strip_address looks for
+        self._address_starts: frozenset[str] = frozenset()  # and their first letters
         self.bot_name = bot_name
         self._aliases = tuple(dict.fromkeys(a.lower() for a in (bot_name, *aliases) if a))
 
@@ -184,8 +188,9 @@ class Registry:
         if spec.name in self._specs:
             raise ValueError(f"command {spec.name!r} is already registered")
         self._specs[spec.name] = spec
-        self._pools = self._secret_options = self._by_first = None
-        self._suggested.clear()
+        self._pools = self._secret_options = self._by_first = self._redactor = None
+        self._suggested.cache_clear()
+        self._phrase_reach.cache_clear()
         return spec
 
     def get(self, name: str) -> CommandSpec | None:
@@ -208,6 +213,9 @@ class Registry:
         else:
             if self._address_names is None:
                 self._address_names = _address_names(self._aliases)
+                self._address_starts = frozenset(name[0] for name in self._address_names)
+            if stripped[:1].lower()[:1] not in self._address_starts:
+                return stripped, False, False  # most messages: no name can start them
             candidates = self._address_names
         # Only the start can hold a name: lowering all of a long message would be wasted work.
         lowered = stripped[: len(candidates[0]) + 1 if candidates else 1].lower()
@@ -363,15 +371,7 @@ class Registry:
             # Phrases rarely come back (every message has its own), and few commands have
             # several words: looked up each time rather than crowding the first words out.
             return self._suggest(lowered, cutoff)
-        key = (lowered, cutoff)
-        if key in self._suggested:
-            self._suggested.move_to_end(key)
-            return self._suggested[key]
-        found = self._suggest(lowered, cutoff)
-        self._suggested[key] = found  # the same first words come back again and again
-        if len(self._suggested) > 4096:
-            self._suggested.popitem(last=False)
-        return found
+        return self._suggested(lowered, cutoff)
 
     def _suggest(self, lowered: str, cutoff: float) -> str | None:
         firsts, words, phrases = self._suggestion_pools()
@@ -424,6 +424,30 @@ class Registry:
             kept.append(candidate)
         return kept
 
+    def _phrase_may_be_near(self, phrase: str) -> bool:
+        """Whether difflib could find a command of several words within _NEAR_MISS of
+        ``phrase`` (two words), judged by the length of its second word alone: every
+        phrase has its own, but the first words come back."""
+        first, _, second = phrase.partition(" ")
+        return len(second) in self._phrase_reach(first)
+
+    def _reach_of_phrases(self, first: str) -> frozenset[int]:
+        """The lengths a second word may have for "``first`` <second>" to come within
+        _NEAR_MISS of a command of several words. difflib's ratio is 2 * matches / total
+        length; the matches are at most what the two share letter for letter, which is at
+        most what "``first`` " shares with the name plus the whole second word, and at most
+        the name's length. (Loosened by a hair against rounding.)"""
+        cutoff, head = _NEAR_MISS, Counter(first + " ")
+        sizes: set[int] = set()
+        for name in self._suggestion_pools()[2].names:
+            shared = sum((head & Counter(name)).values())
+            # 2 * (shared + size) >= cutoff * (len(first) + 1 + size + len(name))
+            low = (cutoff * (len(first) + 1 + len(name)) - 2 * shared) / (2 - cutoff)
+            # 2 * len(name) >= cutoff * (len(first) + 1 + size + len(name))
+            high = len(name) * (2 - cutoff) / cutoff - len(first) - 1
+            sizes.update(range(max(0, math.ceil(low - 1e-6)), math.floor(high + 1e-6) + 1))
+        return frozenset(sizes)
+
     def _charset(self, word: str) -> frozenset[str]:
         found = self._charsets.get(word)
         if found is None:
@@ -439,10 +463,11 @@ class Registry:
         bang: bool,
         projects: Collection[str],
     ) -> Parsed:
-        phrase = " ".join(words[:2]).lower()
-        near = self.suggest(words[0], cutoff=0.6 if bang else _NEAR_MISS) or (
-            self.suggest(phrase, cutoff=_NEAR_MISS) if len(words) > 1 else None
-        )
+        near = self.suggest(words[0], cutoff=0.6 if bang else _NEAR_MISS)
+        if near is None and len(words) > 1:
+            phrase = " ".join(words[:2]).lower()
+            if len(phrase) <= _MAX_SUGGEST and self._phrase_may_be_near(phrase):
+                near = self.suggest(phrase, cutoff=_NEAR_MISS)
         if bang or (near and self._near_miss_is_attempt(near, words, rest, projects)):
             hint = f" Did you mean `{near}`?" if near else ""
             raise UsageError(
@@ -615,13 +640,18 @@ class Registry:
             )
         return self._secret_options
 
+    def _redaction(self) -> Redactor:
+        if self._redactor is None:
+            self._redactor = redactor(self.secret_options())
+        return self._redactor
+
     def redact(self, text: str) -> str:
         """``text`` with every secret masked (see :mod:`podbay.redact`), using the names of
         this registry's secret options (``--token``) and their near-miss spellings."""
-        return redact_text(text, self.secret_options())
+        return self._redaction().redact(text)
 
     def has_secret(self, text: str) -> bool:
-        return has_secret_in(text, self.secret_options())
+        return self._redaction().has_secret(text)
 
     def secret_values(self, text: str) -> list[str]:
-        return secret_values(text, self.secret_options())
+        return self._redaction().secret_values(text)

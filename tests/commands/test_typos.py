@@ -118,6 +118,9 @@ def test_a_sentence_starting_with_a_command_word_stays_freeform(reg: Registry, t
         "podbay delete the unused imports",
         "@podbay restart the server after changing the config file",
         "@podbay:example.org: use the api client instead of raw requests",
+        # Any case, and after leading blanks: the name is looked for at the start alone.
+        "  Podbay, delete the unused imports",
+        "@PODBAY restart the server after changing the config file",
     ],
 )
 def test_an_addressed_sentence_stays_addressed_freeform(reg: Registry, text: str) -> None:
@@ -195,3 +198,47 @@ def _near_misses() -> st.SearchStrategy[str]:
 def test_suggestions_are_the_ones_difflib_finds(word: str, cutoff: float) -> None:
     registry = build_registry()
     assert registry.suggest(word, cutoff) == _reference_suggestion(registry, word, cutoff)
+
+
+def _two_words() -> st.SearchStrategy[tuple[str, str]]:
+    """Commands of several words, mistyped, split into a first word and the rest (whose
+    length varies: the parser judges a phrase by it before asking difflib), and noise."""
+    phrases = sorted({s.name for s in build_registry().specs() if " " in s.name})
+    word = st.text(alphabet="abcdeilnoprstuwy0123", min_size=1, max_size=12)
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> tuple[str, str]:
+        name = draw(st.sampled_from(phrases))
+        first, _, second = name.partition(" ")
+        i = draw(st.integers(0, len(second)))
+        cut = draw(st.integers(0, 3))
+        extra = draw(st.text(alphabet="abcdeilnorstuy", max_size=4))
+        second = (second[:i] + extra + second[i + cut :]) or "x"
+        if draw(st.booleans()):
+            j = draw(st.integers(0, len(first) - 1))
+            first = first[:j] + draw(st.sampled_from("aeinorst")) + first[j + 1 :]
+        return first, second
+
+    return st.one_of(mutated(), st.tuples(word, word))
+
+
+@given(words=_two_words())
+@settings(max_examples=400, deadline=None)
+def test_a_mistyped_command_of_two_words_is_caught_whatever_the_second_word(
+    words: tuple[str, str],
+) -> None:
+    """Two words that are no command but close to one get "Did you mean" exactly when
+    difflib itself finds the command; otherwise they are a prompt."""
+    registry = build_registry()
+    first, second = words
+    if any(spec.words[0] == first for spec in registry.specs()):
+        return  # a command word: parsed as that command, not as a near miss
+    text = f"{first} {second}"
+    expected = _reference_suggestion(registry, first, 0.8) or _reference_suggestion(
+        registry, text, 0.8
+    )
+    if expected is None:
+        assert registry.parse(text) == Freeform(text, False)
+    else:
+        with pytest.raises(UsageError, match=f"Did you mean `{expected}`"):
+            registry.parse(text)

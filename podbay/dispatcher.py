@@ -890,6 +890,9 @@ class Dispatcher:
                 ),
             )
         interrupted, received = await self.store.inbox_recover()
+        # Known before the first message, so that from the first one on a prompt is told
+        # from a mistyped command ("delete demo2 now") as it arrives (see _as_prompt).
+        await self.store.project_names()
         # One line per interrupted run (listing the messages it was given), plus one for the
         # messages no run had taken yet: a batch of ten messages is one piece of lost work.
         by_session: dict[SessionKey, dict[int | None, list[InboxRow]]] = {}

@@ -190,8 +190,6 @@ class Redactor:
 
     def redact(self, text: str) -> str:
         """``text`` with every secret replaced by ``[redacted]``; unchanged when it has none."""
-        if not _configured and self._maybe.search(text) is None:
-            return text
         spans = self.spans(text)
         if not spans:
             return text
@@ -205,8 +203,6 @@ class Redactor:
 
     def has_secret(self, text: str) -> bool:
         """Whether :meth:`redact` would change ``text``."""
-        if not _configured and self._maybe.search(text) is None:
-            return False
         return bool(self.spans(text))
 
     def secret_values(self, text: str) -> list[str]:
@@ -219,18 +215,18 @@ def _redactor(names: tuple[str, ...]) -> Redactor:
     return Redactor(names)
 
 
+_DEFAULT = _redactor(_names(DEFAULT_SECRET_OPTIONS))
+
+
 def redactor(secret_options: Iterable[str] = DEFAULT_SECRET_OPTIONS) -> Redactor:
     """The :class:`Redactor` for these secret option names (``--token``)."""
+    if secret_options is DEFAULT_SECRET_OPTIONS:
+        return _DEFAULT  # every log line and agent event: no names to sort
     return _redactor(_names(secret_options))
-
-
-_DEFAULT = redactor()
 
 
 def redact(text: str, secret_options: Iterable[str] = DEFAULT_SECRET_OPTIONS) -> str:
     """``text`` with every secret replaced by ``[redacted]``; unchanged when it has none."""
-    if secret_options is DEFAULT_SECRET_OPTIONS:
-        return _DEFAULT.redact(text)
     return redactor(secret_options).redact(text)
 
 
